@@ -7,27 +7,50 @@ reads too.
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-try:
-    import torch
-    from torch.utils import cpp_extension
-except ImportError:  # pragma: no cover - message for users
-    sys.exit(
-        "clasp_ext: building needs PyTorch installed first, and pip's build isolation off:\n"
-        "    pip install torch && pip install --no-build-isolation -e ."
-    )
+
+def import_torch():
+    """Import the torch this extension will run with.
+
+    The extension is ABI-bound to one torch build. Under pip's default build isolation the build
+    environment has no torch (and installing a fresh one could pick another version), so look up
+    the torch of the interpreter pip installs into and build against that one.
+    """
+    try:
+        import torch  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    hidden = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME", "PYTHONSAFEPATH")
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    if found.returncode != 0:
+        sys.exit(
+            "clasp_ext: building needs PyTorch installed in the target environment first:\n"
+            "    pip install torch && pip install --no-build-isolation -e ."
+        )
+    sys.path.append(found.stdout.strip().splitlines()[-1])
+    print(f"clasp_ext: building against the environment's torch in {sys.path[-1]}", flush=True)
+
+
+import_torch()
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;9.0"
 
 
 def read_sources():
-    """Return {"cpu": [...], "cuda": [...]} from csrc/SOURCES."""
-    groups, current = {"cpu": [], "cuda": []}, None
+    """Return {"cpu": [...], "cuda": [...], "python": [...]} from csrc/SOURCES."""
+    groups, current = {"cpu": [], "cuda": [], "python": []}, None
     for line in (ROOT / "csrc" / "SOURCES").read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -72,7 +95,7 @@ def make_extension():
     # -ffp-contract=off: the canonical reductions must not be fused differently than on the GPU.
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
     extra = {"cxx": cxx}
-    files = list(sources["cpu"])
+    files = sources["cpu"] + sources["python"]
     ext_cls = cpp_extension.CppExtension
     if build_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # honoured (and defaulted) by torch's tooling

@@ -17,9 +17,9 @@ def kernel_table() -> dict[str, dict[str, bool]]:
             key: torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)
             for key in ("CPU", "CUDA")
         }
-        table[name]["fake"] = torch._library.simple_registry.singleton.find(
-            qualified
-        ).fake_impl.kernel is not None
+        table[name]["fake"] = (
+            torch._library.simple_registry.singleton.find(qualified).fake_impl.kernel is not None
+        )
     return table
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clasp_ext import _C_loader  # noqa: F401  (registers the ops)
-from clasp_ext import fake  # noqa: F401  (registers the fakes)
+from clasp_ext import (
+    _C_loader,  # noqa: F401  (registers the ops)
+    fake,  # noqa: F401  (registers the fakes)
+)
 
 _ops = torch.ops.clasp
 

@@ -32,10 +32,10 @@
 namespace clasp {
 
 // ---- canonical reduction layout -------------------------------------------------------------
-constexpr int kLanes = 256;              // threads of a reduction block
-constexpr int kVec = 8;                  // contiguous elements a lane owns per step
-constexpr int kSlots = kLanes * kVec;    // accumulators of the canonical dot product
-constexpr int kSegLen = 1024;            // segment length of the canonical probability scan
+constexpr int kLanes = 256;            // threads of a reduction block
+constexpr int kVec = 8;                // contiguous elements a lane owns per step
+constexpr int kSlots = kLanes * kVec;  // accumulators of the canonical dot product
+constexpr int kSegLen = 1024;          // segment length of the canonical probability scan
 
 // Cosine denominators are clamped like torch.nn.functional.cosine_similarity (eps = 1e-8).
 constexpr double kCosEps = 1e-8;

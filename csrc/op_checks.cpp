@@ -28,8 +28,8 @@ void check_int_tensor(const at::Tensor& t, const char* op, const char* name, int
               t.scalar_type());
 }
 
-void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim,
-               int64_t expected, const char* why) {
+void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim, int64_t expected,
+               const char* why) {
   TORCH_CHECK(t.size(dim) == expected, op, ": `", name, "`.size(", dim, ") must be ", expected,
               " (", why, "), got shape ", t.sizes());
 }
@@ -74,10 +74,10 @@ void check_skip_search_step(const at::Tensor& prev, const at::Tensor& computed,
   check_float_tensor(computed, op, "computed", 3);
   check_float_tensor(target, op, "target", 2);
   check_same_device(op, {{"prev", &prev}, {"computed", &computed}, {"target", &target}});
-  TORCH_CHECK(computed.scalar_type() == prev.scalar_type() &&
-                  target.scalar_type() == prev.scalar_type(),
-              op, ": `prev`, `computed` and `target` must share one dtype, got ",
-              prev.scalar_type(), ", ", computed.scalar_type(), " and ", target.scalar_type());
+  TORCH_CHECK(
+      computed.scalar_type() == prev.scalar_type() && target.scalar_type() == prev.scalar_type(),
+      op, ": `prev`, `computed` and `target` must share one dtype, got ", prev.scalar_type(), ", ",
+      computed.scalar_type(), " and ", target.scalar_type());
   const int64_t B = prev.size(0), M = prev.size(1) - 1, d = prev.size(2);
   TORCH_CHECK(M >= 0, op, ": `prev` must hold M+1 >= 1 states [B, M+1, d], got shape ",
               prev.sizes());
@@ -152,8 +152,7 @@ void check_verify_sample(const at::Tensor& draft_tokens, const at::Tensor& num_d
   const int64_t B = draft_tokens.size(0), K = draft_tokens.size(1), V = target_probs.size(2);
   TORCH_CHECK(V > 0, op, ": vocabulary size V must be positive, got shape ", target_probs.sizes());
   check_dim(target_probs, op, "target_probs", 0, B, "batch size B of `draft_tokens`");
-  check_dim(target_probs, op, "target_probs", 1, K + 1,
-            "K+1 positions, K = draft_tokens.size(1)");
+  check_dim(target_probs, op, "target_probs", 1, K + 1, "K+1 positions, K = draft_tokens.size(1)");
   check_dim(draft_probs, op, "draft_probs", 0, B, "batch size B of `draft_tokens`");
   check_dim(draft_probs, op, "draft_probs", 1, K, "K = draft_tokens.size(1)");
   check_dim(draft_probs, op, "draft_probs", 2, V, "vocabulary size V of `target_probs`");

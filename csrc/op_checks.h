@@ -2,8 +2,8 @@
 // what was expected and what was received, so a caller can fix the call from the message alone.
 #pragma once
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <string>
 
@@ -21,11 +21,12 @@ void check_int_tensor(const at::Tensor& t, const char* op, const char* name, int
                       at::ScalarType dtype);
 
 // t.size(dim) == expected, or a message naming both tensors' roles.
-void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim,
-               int64_t expected, const char* why);
+void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim, int64_t expected,
+               const char* why);
 
 // All tensors on the device of the first one.
-void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts);
+void check_same_device(const char* op,
+                       std::initializer_list<std::pair<const char*, const at::Tensor*>> ts);
 
 // Per-op argument checks (one per op, used by both back ends).
 void check_cosine_scores(const at::Tensor& candidates, const at::Tensor& target);

@@ -27,16 +27,17 @@ TORCH_LIBRARY(clasp, m) {
       "Tensor target_probs, Tensor uniforms, Tensor(a!) seq_lens) -> (Tensor, Tensor)");
 }
 
-#define CLASP_REGISTER_IMPLS(m, SUFFIX)                           \
-  m.impl("cosine_scores", &clasp::cosine_scores_##SUFFIX);         \
-  m.impl("layer_importance", &clasp::layer_importance_##SUFFIX);   \
-  m.impl("skip_search_step", &clasp::skip_search_step_##SUFFIX);   \
+#define CLASP_REGISTER_IMPLS(m, SUFFIX)                                    \
+  m.impl("cosine_scores", &clasp::cosine_scores_##SUFFIX);                 \
+  m.impl("layer_importance", &clasp::layer_importance_##SUFFIX);           \
+  m.impl("skip_search_step", &clasp::skip_search_step_##SUFFIX);           \
   m.impl("skip_search_backtrack", &clasp::skip_search_backtrack_##SUFFIX); \
-  m.impl("verify_greedy", &clasp::verify_greedy_##SUFFIX);         \
+  m.impl("verify_greedy", &clasp::verify_greedy_##SUFFIX);                 \
   m.impl("verify_sample", &clasp::verify_sample_##SUFFIX);
 
-TORCH_LIBRARY_IMPL(clasp, CPU, m) { CLASP_REGISTER_IMPLS(m, cpu) }
-
+TORCH_LIBRARY_IMPL(clasp, CPU, m){CLASP_REGISTER_IMPLS(m, cpu)}
 #ifdef CLASP_WITH_CUDA
-TORCH_LIBRARY_IMPL(clasp, CUDA, m) { CLASP_REGISTER_IMPLS(m, cuda) }
+TORCH_LIBRARY_IMPL(clasp, CUDA, m) {
+  CLASP_REGISTER_IMPLS(m, cuda)
+}
 #endif

@@ -1,8 +1,8 @@
 // skip_search_backtrack on CPU: walk the stored choices from (L, num_skip) back to layer 0.
 #include <ATen/Parallel.h>
 
-#include "../op_checks.h"
 #include "../clasp_math.h"
+#include "../op_checks.h"
 #include "../ops.h"
 
 namespace clasp {

@@ -18,8 +18,8 @@ constexpr int64_t kChunk = 32768;  // vocabulary entries per parallel argmax tas
 void check_num_draft_values(const char* op, const int32_t* nd, int64_t stride, int64_t B,
                             int64_t K) {
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(nd[b * stride] >= 0 && nd[b * stride] <= K, op, ": num_draft[", b, "] = ",
-                nd[b * stride], " is outside [0, K] with K = draft_tokens.size(1) = ", K);
+    TORCH_CHECK(nd[b * stride] >= 0 && nd[b * stride] <= K, op, ": num_draft[", b,
+                "] = ", nd[b * stride], " is outside [0, K] with K = draft_tokens.size(1) = ", K);
 }
 }  // namespace
 
@@ -42,14 +42,16 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& draft_tok
         const scalar_t* lg = target_logits.const_data_ptr<scalar_t>();
         const int64_t lb = target_logits.stride(0), lr = target_logits.stride(1);
         // Positions past num_draft[b] are never read: their argmax cannot matter.
-        at::parallel_for(0, B * (K + 1) * chunks, std::max<int64_t>(1, 65536 / std::min(V, kChunk)), [&](int64_t begin, int64_t end) {
-          for (int64_t t = begin; t < end; ++t) {
-            const int64_t c = t % chunks, pos = (t / chunks) % (K + 1), b = t / chunks / (K + 1);
-            if (pos > nd[b * nds]) continue;
-            const int64_t lo = c * kChunk, hi = std::min(V, lo + kChunk);
-            partial[t] = cpu::argmax_range(lg + b * lb + pos * lr, lo, hi);
-          }
-        });
+        at::parallel_for(0, B * (K + 1) * chunks, std::max<int64_t>(1, 65536 / std::min(V, kChunk)),
+                         [&](int64_t begin, int64_t end) {
+                           for (int64_t t = begin; t < end; ++t) {
+                             const int64_t c = t % chunks, pos = (t / chunks) % (K + 1),
+                                           b = t / chunks / (K + 1);
+                             if (pos > nd[b * nds]) continue;
+                             const int64_t lo = c * kChunk, hi = std::min(V, lo + kChunk);
+                             partial[t] = cpu::argmax_range(lg + b * lb + pos * lr, lo, hi);
+                           }
+                         });
       });
 
   const int64_t* dt = draft_tokens.const_data_ptr<int64_t>();
@@ -66,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& draft_tok
         if (argmax_better(p[c].value, p[c].index, best.value, best.index)) best = p[c];
       return best.index;
     };
-    const int32_t a = accepted_prefix(
-        nd[b * nds], [&](int32_t i) { return dt[b * ds0 + i * ds1]; }, argmax_at);
+    const int32_t a =
+        accepted_prefix(nd[b * nds], [&](int32_t i) { return dt[b * ds0 + i * ds1]; }, argmax_at);
     for (int64_t i = 0; i < a; ++i) ot[b * (K + 1) + i] = dt[b * ds0 + i * ds1];
     ot[b * (K + 1) + a] = argmax_at(a);
     for (int64_t i = a + 1; i <= K; ++i) ot[b * (K + 1) + i] = -1;

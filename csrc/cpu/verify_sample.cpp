@@ -32,18 +32,16 @@ int64_t draw(int64_t V, float u, Mass mass, std::vector<float>& seg) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> verify_sample_cpu(const at::Tensor& draft_tokens,
-                                                     const at::Tensor& num_draft,
-                                                     const at::Tensor& draft_probs,
-                                                     const at::Tensor& target_probs,
-                                                     const at::Tensor& uniforms,
-                                                     at::Tensor& seq_lens) {
+std::tuple<at::Tensor, at::Tensor> verify_sample_cpu(
+    const at::Tensor& draft_tokens, const at::Tensor& num_draft, const at::Tensor& draft_probs,
+    const at::Tensor& target_probs, const at::Tensor& uniforms, at::Tensor& seq_lens) {
   constexpr const char* op = "clasp::verify_sample";
   check_verify_sample(draft_tokens, num_draft, draft_probs, target_probs, uniforms, seq_lens);
   const int64_t B = draft_tokens.size(0), K = draft_tokens.size(1), V = target_probs.size(2);
   const int32_t* nd = num_draft.const_data_ptr<int32_t>();
   const int64_t* dt = draft_tokens.const_data_ptr<int64_t>();
-  const int64_t nds = num_draft.stride(0), ds0 = draft_tokens.stride(0), ds1 = draft_tokens.stride(1);
+  const int64_t nds = num_draft.stride(0), ds0 = draft_tokens.stride(0),
+                ds1 = draft_tokens.stride(1);
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(nd[b * nds] >= 0 && nd[b * nds] <= K, op, ": num_draft[", b, "] = ", nd[b * nds],
                 " is outside [0, K] with K = draft_tokens.size(1) = ", K);

@@ -1,0 +1,59 @@
+"""Shared fixtures: the `device` parametrisation, per-test seeds, and a report section."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+_REPORT_KEY = pytest.StashKey[list]()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every test taking `device` runs on CPU, and on CUDA when a GPU is visible (else skipped with
+    # the reason), so the same suite checks the CUDA kernels on a GPU machine.
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "device",
+            [
+                "cpu",
+                pytest.param(
+                    "cuda",
+                    marks=[
+                        pytest.mark.cuda,
+                        pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"),
+                    ],
+                ),
+            ],
+        )
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed(request: pytest.FixtureRequest) -> int:
+    """Seeds torch from the test's id: fixed per test, independent of test order."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest):
+    """`report(line)`: prints the line and repeats it in the terminal summary."""
+    lines = request.config.stash.setdefault(_REPORT_KEY, [])
+
+    def add(line: str) -> None:
+        print(line)
+        lines.append(line)
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    lines = config.stash.get(_REPORT_KEY, [])
+    if lines:
+        terminalreporter.section("clasp_ext measurements")
+        for line in lines:
+            terminalreporter.write_line(line)
