@@ -44,9 +44,7 @@ def test_layer_importance_matches_reference(device, dtype, d, B, L1):
     out = clasp_ext.layer_importance(hidden)
     assert out.shape == (B, L1 - 1) and out.dtype == torch.float32
     assert_scores_close(out, reference.layer_importance(hidden), "importance", dtype)
-    assert_scores_close(
-        out, reference.layer_importance(hidden, torch.float64), "importance", dtype
-    )
+    assert_scores_close(out, reference.layer_importance(hidden, torch.float64), "importance", dtype)
     assert_same_as_cpu_kernel(device, clasp_ext.layer_importance, (hidden,), out, (0,))
 
 
@@ -87,7 +85,9 @@ def test_size_one_last_dim_may_have_any_stride(device):
     out = clasp_ext.cosine_scores(cand, target)
     assert_scores_close(out, reference.cosine_scores(cand, target), "cosine", torch.float32)
     # 1-d cosines are the signs of the products.
-    torch.testing.assert_close(out, torch.sign(cand[..., 0] * target[:, None, 0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out, torch.sign(cand[..., 0] * target[:, None, 0]), atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -128,8 +128,12 @@ def test_exact_values(device):
 
 
 def test_empty_batch_and_candidates(device):
-    assert clasp_ext.cosine_scores(torch.randn(0, 3, 8, device=device), torch.randn(0, 8, device=device)).shape == (0, 3)  # noqa: E501
-    assert clasp_ext.cosine_scores(torch.randn(2, 0, 8, device=device), torch.randn(2, 8, device=device)).shape == (2, 0)  # noqa: E501
+    assert clasp_ext.cosine_scores(
+        torch.randn(0, 3, 8, device=device), torch.randn(0, 8, device=device)
+    ).shape == (0, 3)
+    assert clasp_ext.cosine_scores(
+        torch.randn(2, 0, 8, device=device), torch.randn(2, 8, device=device)
+    ).shape == (2, 0)
     assert clasp_ext.layer_importance(torch.randn(2, 1, 8, device=device)).shape == (2, 0)
 
 
