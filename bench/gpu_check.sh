@@ -10,13 +10,15 @@
 set -euo pipefail
 
 OUT="${OUT:-./gpu_out}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 TOTAL_S="${TOTAL_S:-480}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
+exec > >(tee "$OUT/gpu_check.log") 2>&1  # the whole run's output, besides the per-step logs
 START=$SECONDS
+FAILED=0
 
 remaining() { echo $((TOTAL_S - (SECONDS - START))); }
 
@@ -45,6 +47,7 @@ step() {
   elif ((rc != 0)); then
     status="FAILED (rc=$rc)"
   fi
+  [[ $status == ok ]] || FAILED=$((FAILED + 1))
   echo "$name: $status ($((SECONDS - t0))s)" | tee -a "$SUMMARY"
 }
 
@@ -119,5 +122,6 @@ step tests 150 130 "$PYTHON" -m pytest tests -q -x -k "not slow"
 step bench 600 10 bench
 step copy_results 10 0 copy_results
 
-echo "total $((SECONDS - START))s" | tee -a "$SUMMARY"
+echo "total $((SECONDS - START))s, $FAILED step(s) not ok" | tee -a "$SUMMARY"
 cat "$SUMMARY"
+((FAILED == 0))

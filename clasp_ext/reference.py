@@ -118,6 +118,54 @@ def _inverse_cdf(mass: Tensor, u: Tensor) -> Tensor:
     return torch.where(total > 0, idx, torch.full_like(idx, -1))
 
 
+SEG_LEN = 1024  # segment length of the kernels' canonical probability scan (clasp_math.h)
+
+
+def _inverse_cdf_canonical(mass: Tensor, u: Tensor) -> Tensor:
+    """The kernels' exact float32 draw (clasp::inverse_cdf_pick), vectorised over rows.
+
+    Segment masses are left-to-right float32 sums of SEG_LEN entries, the total the left-to-right
+    sum of segment masses, and the walk uses those same partial sums, so the chosen index is
+    bitwise what the kernels choose. Slow (a Python loop per summation step): an oracle only.
+    """
+    B, V = mass.shape
+    mass = mass.float()
+    mass = torch.where(mass > 0, mass, torch.zeros_like(mass))  # NaN and negatives count as 0
+    nseg = (V + SEG_LEN - 1) // SEG_LEN
+    m = F.pad(mass, (0, nseg * SEG_LEN - V)).view(B, nseg, SEG_LEN)
+    seg = torch.zeros(B, nseg)
+    for e in range(SEG_LEN):
+        seg = seg + m[:, :, e]
+    total = torch.zeros(B)
+    for k in range(nseg):
+        total = total + seg[:, k]
+    thr = u.float() * total
+    cum = torch.zeros(B)
+    chosen = torch.full((B,), -1, dtype=torch.long)
+    crossed = torch.zeros(B, dtype=torch.bool)
+    cum_at = torch.zeros(B)
+    for k in range(nseg):
+        nxt = cum + seg[:, k]
+        hit = ~crossed & (nxt > thr)
+        cum_at = torch.where(hit, cum, cum_at)
+        chosen = torch.where(hit | (~crossed & (seg[:, k] > 0)), torch.full_like(chosen, k), chosen)
+        crossed |= hit
+        cum = torch.where(crossed, cum, nxt)
+    rows = torch.arange(B)
+    seg_vals = m[rows, chosen.clamp_min(0)]  # [B, SEG_LEN]
+    c = cum_at
+    pick = torch.full((B,), -1, dtype=torch.long)
+    last_pos = torch.full((B,), -1, dtype=torch.long)
+    for e in range(SEG_LEN):
+        me = seg_vals[:, e]
+        last_pos = torch.where(me > 0, torch.full_like(last_pos, e), last_pos)
+        c = c + me
+        pick = torch.where((pick < 0) & crossed & (c > thr) & (me > 0), e, pick)
+    within = torch.where(pick >= 0, pick, last_pos)
+    idx = torch.where(within >= 0, chosen * SEG_LEN + within, torch.full_like(within, -1))
+    return torch.where((total > 0) & (chosen >= 0), idx, torch.full_like(idx, -1))
+
+
 def verify_sample(
     draft_tokens: Tensor,
     num_draft: Tensor,
@@ -125,8 +173,14 @@ def verify_sample(
     target_probs: Tensor,
     uniforms: Tensor,
     seq_lens: Tensor,
+    exact_order: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (accepted, out_tokens, new_seq_lens)."""
+    """Returns (accepted, out_tokens, new_seq_lens).
+
+    By default the draw uses float64 cumulative sums (the plain composite a user would write; a
+    threshold within float32 rounding of a CDF boundary can land on the neighbouring token).
+    exact_order=True reproduces the kernels' float32 summation order, and with it their tokens
+    bit for bit (CPU tensors only; slow)."""
     B, K = draft_tokens.shape
     p = target_probs.float()
     q = draft_probs.float()
@@ -147,7 +201,8 @@ def verify_sample(
         residual = torch.where(rejected[:, None], (p_row - q_row).clamp_min(0.0), p_row)
     else:
         residual = p_row
-    tok = _inverse_cdf(residual, u_draw)
-    tok = torch.where(tok >= 0, tok, _inverse_cdf(p_row, u_draw))  # residual without mass
+    draw = _inverse_cdf_canonical if exact_order else _inverse_cdf
+    tok = draw(residual, u_draw)
+    tok = torch.where(tok >= 0, tok, draw(p_row, u_draw))  # residual without mass
     tok = tok.clamp_min(0)
     return accepted, _emit(draft_tokens, accepted, tok), seq_lens + accepted + 1

@@ -198,7 +198,7 @@ def _sample_case(B, K, V, dtype, device, zero_frac=0.0):
         drafts = torch.multinomial(q.reshape(-1, V), 1).reshape(B, K)
     else:
         drafts = torch.zeros(B, 0, dtype=torch.long, device=device)
-    # Half of the rows draft from p itself (mostly accepted), the rest from q (often rejected).
+    # Random num_draft per row; row 0 uses all K drafts.
     num_draft = torch.randint(0, K + 1, (B,), dtype=torch.int32, device=device)
     num_draft[0] = K
     uniforms = torch.rand(B, K + 1, 2, device=device)
@@ -206,54 +206,19 @@ def _sample_case(B, K, V, dtype, device, zero_frac=0.0):
     return drafts, num_draft, q.to(dtype), p.to(dtype), uniforms, seq_lens
 
 
-def _residual_boundary_ok(q, p, a, num_draft, u_draw, tok, K):
-    """True when `tok` is a draw whose CDF interval lies within float32 rounding of the threshold:
-    the kernel walks canonical float32 partial sums (segments of 1024 entries), the reference
-    float64 cumsums, so a threshold closer to a boundary than their rounding error may land on
-    a neighbouring token. Worst-case error of those float32 sums: (2 * 1024 + segments + 2) half
-    ulps of the total mass."""
-    V = p.shape[-1]
-    p_row = p[a].double().clamp_min(0)
-    mass = (p_row - q[min(a, K - 1)].double()).clamp_min(0) if a < num_draft else p_row
-    if mass.sum() <= 0:
-        mass = p_row
-    cum = mass.cumsum(0)
-    total = cum[-1].item()
-    thr = u_draw * total
-    slack = (2 * 1024 + math.ceil(V / 1024) + 2) * 2.0**-24 * total
-    lo = cum[tok - 1].item() if tok > 0 else 0.0
-    hi = cum[tok].item()
-    return mass[tok] > 0 and lo - slack <= thr <= hi + slack
-
-
 def _run_sample(drafts, num_draft, q, p, uniforms, seq_lens, device="cpu"):
-    """Runs the op and the reference; acceptance and lengths must be equal, and tokens too except
-    for draws whose threshold sits within float32 rounding of a CDF boundary (see
-    _residual_boundary_ok). Returns (accepted, out_tokens, number of boundary draws)."""
+    """Runs the op and the exact-order reference (the kernels' float32 summation order, so every
+    discrete output must be equal). Returns (accepted, out_tokens)."""
     lens = seq_lens.clone()
     acc, out = clasp_ext.verify_sample(drafts, num_draft, q, p, uniforms, lens)
-    r_acc, r_out, r_lens = reference.verify_sample(drafts, num_draft, q, p, uniforms, seq_lens)
+    cpu_args = [to_cpu(t) for t in (drafts, num_draft, q, p, uniforms, seq_lens)]
+    r_acc, r_out, r_lens = reference.verify_sample(*cpu_args, exact_order=True)
     B, K = drafts.shape
     assert acc.dtype == torch.int32 and acc.shape == (B,)
     assert out.dtype == torch.int64 and out.shape == (B, K + 1)
-    assert torch.equal(acc, r_acc), "acceptance decisions differ from the reference"
-    assert torch.equal(lens, r_lens) and torch.equal(lens, seq_lens + acc + 1)
-    boundary = 0
-    for b in (out != r_out).any(dim=1).nonzero()[:, 0].tolist():
-        a = int(acc[b])
-        assert torch.equal(out[b, :a], r_out[b, :a]) and torch.equal(
-            out[b, a + 1 :], r_out[b, a + 1 :]
-        )
-        assert _residual_boundary_ok(
-            to_cpu(q[b]),
-            to_cpu(p[b]),
-            a,
-            int(num_draft[b]),
-            float(uniforms[b, a, 1]),
-            int(out[b, a]),
-            K,
-        ), f"row {b}: token {int(out[b, a])} vs reference {int(r_out[b, a])} is not a rounding case"
-        boundary += 1
+    assert torch.equal(to_cpu(acc), r_acc), "acceptance decisions differ from the reference"
+    assert torch.equal(to_cpu(out), r_out), "emitted tokens differ from the reference"
+    assert torch.equal(to_cpu(lens), r_lens) and torch.equal(lens, seq_lens + acc + 1)
     assert_same_as_cpu_kernel(
         device,
         clasp_ext.verify_sample,
@@ -261,7 +226,7 @@ def _run_sample(drafts, num_draft, q, p, uniforms, seq_lens, device="cpu"):
         (acc, out),
         (0, 1),
     )
-    return acc, out, boundary
+    return acc, out
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -277,13 +242,20 @@ def _run_sample(drafts, num_draft, q, p, uniforms, seq_lens, device="cpu"):
         (3, 16, 5000, 0.9),
     ),
 )
-def test_verify_sample_matches_reference(device, dtype, B, K, V, zero_frac, report):
-    acc, out, boundary = _run_sample(*_sample_case(B, K, V, dtype, device, zero_frac), device)
+def test_verify_sample_matches_reference(device, dtype, B, K, V, zero_frac):
+    acc, out = _run_sample(*_sample_case(B, K, V, dtype, device, zero_frac), device)
     assert (out[torch.arange(B), acc.long()] >= 0).all() and (out < V).all()
-    if boundary:
-        report(
-            f"verify_sample B={B} K={K} V={V} {dtype}: {boundary}/{B} draws on a rounding boundary"
-        )
+
+
+def test_verify_sample_float64_reference_agrees_off_boundaries():
+    """The plain float64 reference (the benchmark baseline) differs from the kernels only where a
+    threshold sits within float32 rounding of a CDF boundary: rare at a large vocabulary."""
+    B, K, V = 64, 4, 32000
+    args = _sample_case(B, K, V, torch.float32, "cpu")
+    acc, out = clasp_ext.verify_sample(*args[:5], args[5].clone())
+    r_acc, r_out, _ = reference.verify_sample(*args)
+    assert torch.equal(acc, r_acc)
+    assert (out != r_out).any(dim=1).float().mean() <= 0.05
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -318,7 +290,7 @@ def test_verify_sample_uniform_zero(device):
     p[1, 1, drafts[1, 1]] = 0  # ... and one draft the target rejects whatever u
     num_draft[:] = K
     uniforms = torch.zeros(B, K + 1, 2, device=device)
-    acc, out, _ = _run_sample(drafts, num_draft, q, p, uniforms, seq_lens, device)
+    acc, out = _run_sample(drafts, num_draft, q, p, uniforms, seq_lens, device)
     for b in range(B):
         a = int(acc[b])
         zero = (p[b, :K].gather(1, drafts[b, :, None])[:, 0] == 0).nonzero()
@@ -344,9 +316,7 @@ def test_verify_sample_uniform_near_one(device):
     q[1, 1, drafts[1, 1]] *= 1.001
     uniforms = torch.full((B, K + 1, 2), ONE_MINUS, device=device)
     num_draft = torch.full((B,), K, dtype=torch.int32, device=device)
-    acc, out, _ = _run_sample(
-        drafts, num_draft, q, p, uniforms, torch.zeros_like(num_draft), device
-    )
+    acc, out = _run_sample(drafts, num_draft, q, p, uniforms, torch.zeros_like(num_draft), device)
     assert acc.tolist() == [K, 1, K, 1]
     assert out[0, K] == V - 5 and out[2, K] == V - 5  # bonus: last token with mass
     assert out[1, 1] == V - 5  # residual without mass: drawn from p
@@ -362,9 +332,7 @@ def test_verify_sample_q_equal_p_accepts_everything(device):
     uniforms = torch.rand(B, K + 1, 2, device=device)
     uniforms[: B // 4, :, 0] = ONE_MINUS  # the most demanding acceptance tests
     num_draft = torch.full((B,), K, dtype=torch.int32, device=device)
-    acc, out, _ = _run_sample(
-        drafts, num_draft, q, p, uniforms, torch.zeros_like(num_draft), device
-    )
+    acc, out = _run_sample(drafts, num_draft, q, p, uniforms, torch.zeros_like(num_draft), device)
     assert (acc == K).all()
     assert torch.equal(out[:, :K], drafts)
     bonus = out[:, K]
@@ -379,7 +347,7 @@ def test_verify_sample_zero_target_mass_always_rejects(device):
     p[rows, reject_at, drafts[rows, reject_at]] = 0  # the target never emits this draft
     uniforms[: B // 2, :, 0] = 0  # even with the most lenient acceptance test
     num_draft = torch.full((B,), K, dtype=torch.int32, device=device)
-    acc, out, _ = _run_sample(drafts, num_draft, q, p, uniforms, seq_lens, device)
+    acc, out = _run_sample(drafts, num_draft, q, p, uniforms, seq_lens, device)
     assert (acc <= reject_at.int()).all()
     at_reject = acc == reject_at.int()
     assert at_reject[: B // 2].all()  # u = 0 accepts everything before it
@@ -398,9 +366,7 @@ def test_verify_sample_degenerate_mass(device):
     drafts = torch.multinomial(q.reshape(-1, V), 1).reshape(B, K)
     uniforms = torch.full((B, K + 1, 2), 0.9, device=device)  # 0.9 q >= 0.5 q: rejected
     num_draft = torch.full((B,), K, dtype=torch.int32, device=device)
-    acc, out, _ = _run_sample(
-        drafts, num_draft, q, p, uniforms, torch.zeros_like(num_draft), device
-    )
+    acc, out = _run_sample(drafts, num_draft, q, p, uniforms, torch.zeros_like(num_draft), device)
     assert acc.tolist() == [0, 0, 0]
     assert (p[[0, 1], 0, out[:2, 0]] > 0).all()
     assert out[2, 0] == 0
