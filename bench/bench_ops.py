@@ -369,7 +369,12 @@ def _num(x, fmt):
     return "-" if x is None else format(x, fmt)
 
 
-def markdown_table(records, device_type) -> str:
+def markdown_table(records, env) -> str:
+    device_type = env["device"]
+    head = (
+        f"{env['device_name']}; torch {env['torch']}; {env['threads']} threads; 1-min load "
+        f"average at start {env['load_avg_start'][0]:.1f}, end {env['load_avg_end'][0]:.1f}\n\n"
+    )
     cols = ["op", "shape", "dtype", "clasp us", "eager us", "compiled us", "vs eager"]
     cols += ["vs compiled", "GB/s", "% peak", "target", "check"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -386,7 +391,7 @@ def markdown_table(records, device_type) -> str:
         f"{TARGET_SPEEDUP[device_type]:g}x faster than eager. GB/s counts the bytes the op must "
         "move (bench_ops.py, make_*)."
     )
-    return "\n".join(lines) + "\n" + note + "\n"
+    return head + "\n".join(lines) + "\n" + note + "\n"
 
 
 def cpu_model() -> str:
@@ -431,11 +436,11 @@ def default_out(env) -> Path:
     return ROOT / "bench" / "results" / f"ops_{slug}.json"
 
 
-def save(out: Path, env, records, device_type):
+def save(out: Path, env, records):
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(env, load_avg_end=os.getloadavg())
     out.write_text(json.dumps({"environment": env, "records": records}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(records, device_type))
+    out.with_suffix(".md").write_text(markdown_table(records, env))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +496,7 @@ def main(argv=None):
         derive(rec, peak, target)
         done[idx] = rec
         records = [done[i] for i in sorted(done)]
-        save(out, env, records, device.type)
+        save(out, env, records)
         meds = {i: rec["impls"][i].get("median_us") for i in IMPLS if i in rec["impls"]}
         print(
             f"[{k}/{len(cases)} {time.perf_counter() - t_start:.0f}s] {op} {sizes} "
@@ -499,9 +504,9 @@ def main(argv=None):
             flush=True,
         )
     env["total_s"] = round(time.perf_counter() - t_start, 1)
-    save(out, env, records, device.type)
+    save(out, env, records)
     print()
-    print(markdown_table(records, device.type))
+    print(markdown_table(records, dict(env, load_avg_end=os.getloadavg())))
     print(f"total {env['total_s']} s; wrote {out} and {out.with_suffix('.md')}")
 
 

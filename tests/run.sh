@@ -27,8 +27,11 @@ fi
 "$py" -m pip install -q -r requirements-dev.txt
 "$py" -c "import torch; print('torch', torch.__version__)"
 
-step "building the extension"
-MAX_JOBS="${MAX_JOBS:-2}" "$py" -m pip install -q --no-build-isolation --no-deps -e .
+step "building the extension (in place, incremental)"
+# build_ext --inplace keeps its objects in build/, so a rerun recompiles only what changed (an
+# editable pip install rebuilds everything in a temporary folder every time). pytest and
+# `python -m` find the package in the repository root.
+MAX_JOBS="${MAX_JOBS:-2}" "$py" setup.py -q build_ext --inplace
 "$py" -m clasp_ext.info
 
 step "formatting checks (ruff, clang-format)"
