@@ -93,7 +93,7 @@ def make_extension():
     print(f"clasp_ext: CUDA kernels {'ON' if build_cuda else 'OFF'} ({reason})", flush=True)
     defines = [("CLASP_TORCH_VERSION", f'"{torch.__version__}"')]
     # -ffp-contract=off: the canonical reductions must not be fused differently than on the GPU.
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math"]
     extra = {"cxx": cxx}
     files = sources["cpu"] + sources["python"]
     ext_cls = cpp_extension.CppExtension
@@ -106,7 +106,7 @@ def make_extension():
             ("CLASP_CUDA_VERSION", f'"{torch.version.cuda}"'),
             ("CLASP_CUDA_ARCHS", f'"{archs}"'),
         ]
-        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + [
+        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + [
             f"-D{k}" if v is None else f"-D{k}={v}" for k, v in defines
         ]
         ext_cls = cpp_extension.CUDAExtension
