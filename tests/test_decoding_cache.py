@@ -93,3 +93,26 @@ def test_gemma3_softcapping_applied():
             lambda n: ClaspKVCache(a.num_layers, a.num_kv_heads, a.head_dim, n, a.dtype, "cpu")
         )
     assert diff < 1e-6
+
+
+@torch.no_grad()
+def test_draft_writes_only_layers_it_runs():
+    model = tiny_model("mistral", layers=6, window=5, seed=3)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(8))
+    dec = ClaspDecoder(
+        model,
+        skip_strategy=[1, 3, 4],
+        max_draft=4,
+        draft_exit_threshold=0.0,
+        max_new_tokens=20,
+        eos_token_id=[],
+    )
+    dec.prefill(ids)
+    while not dec.finished:
+        before = list(dec.cache.writes)
+        drafted = dec.stats.drafted
+        dec.step()
+        k = dec.stats.drafted - drafted
+        delta = [b - a for a, b in zip(before, dec.cache.writes, strict=True)]
+        # one write per draft token on the layers the draft runs, one verify write everywhere
+        assert delta == [1 + (0 if i in (1, 3, 4) else k) for i in range(6)]

@@ -125,6 +125,8 @@ class ClaspDecoder:
         self.streamer = streamer
         self.device = self.adapter.device
         self.cache: ClaspKVCache | None = None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed()  # no seed: one nondeterministic stream across prefills
         a = self.adapter
         with torch.no_grad():
             a.self_check(
@@ -147,11 +149,8 @@ class ClaspDecoder:
         self.skip = [False] * self.adapter.num_layers
         self._rounds_since_dp = 0
         self._round_syncs = 0
-        self.generator = torch.Generator(device=self.device)
-        if c.seed is not None:
+        if c.seed is not None:  # a fixed seed: every prefill replays the same randomness
             self.generator.manual_seed(c.seed)
-        else:
-            self.generator.seed()
         if self.cache is not None:
             self.cache.reset()
 
