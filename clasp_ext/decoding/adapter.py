@@ -204,7 +204,7 @@ class ModelAdapter:
         if self.attn_implementation == "sdpa":
             return allowed[None, None]
         zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
-        neg = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=allowed.device)
+        neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=allowed.device)
         return torch.where(allowed, zero, neg)[None, None]
 
     def causal_masks(self, q_positions: Tensor, kv_len: int) -> dict[int | None, Tensor]:

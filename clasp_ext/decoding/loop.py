@@ -178,7 +178,7 @@ class ClaspDecoder:
 
     def _draft_forward(self, tok: Tensor, pos: int) -> Tensor:
         a = self.adapter
-        p = torch.tensor([pos], device=self.device)
+        p = torch.arange(pos, pos + 1, device=self.device)  # a kernel, not a host copy
         h = a.embed(tok)
         pe = a.position_embeddings(h, p[None])
         masks = a.causal_masks(p, pos + 1)
@@ -307,7 +307,7 @@ class ClaspDecoder:
             return []
         logits, hs = self._full_forward(ids, 0, keep_last_only=True)
         self.cache.rollback(T)
-        self._seq_lens = torch.tensor([T], dtype=torch.int32, device=self.device)
+        self._seq_lens = torch.full((1,), T, dtype=torch.int32, device=self.device)
         if c.greedy:
             first = logits[:, -1].argmax(-1, keepdim=True)
         else:
@@ -365,7 +365,7 @@ class ClaspDecoder:
         inp = torch.cat([self._t0_dev, *drafts], dim=1)
         logits, hs = self._full_forward(inp, n)
         draft_tokens = torch.cat(drafts, 1) if k else inp.new_zeros(1, 0)
-        num_draft = torch.tensor([k], dtype=torch.int32, device=self.device)
+        num_draft = torch.full((1,), k, dtype=torch.int32, device=self.device)
         if c.greedy:
             accepted, out = ops.verify_greedy(draft_tokens, num_draft, logits, self._seq_lens)
         else:
