@@ -160,3 +160,18 @@ def test_decoder_step_api_and_streaming():
     while not dec.finished:
         dec.step()
     assert dec.sequences[0].tolist() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_low_precision_runs(dtype):
+    """bf16/fp16 models decode (the DP states and kernels take the model dtype); greedy equality
+    is only promised in fp32, so this checks the first tokens and the bookkeeping."""
+    model = tiny_model("gemma3", layers=4, dtype=dtype, seed=2)
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    want = hf_greedy(model, ids, 12)
+    out = generate(model, ids, max_new_tokens=12, eos_token_id=[], max_draft=3, update_interval=1)
+    assert out.sequences.shape == (1, 20)
+    assert out.sequences[0, :9].tolist() == want[:9]
+    s = generate(model, ids, max_new_tokens=12, eos_token_id=[], temperature=0.9, top_p=0.9, seed=1)
+    assert s.sequences.shape == (1, 20)
