@@ -116,3 +116,41 @@ def test_draft_writes_only_layers_it_runs():
         delta = [b - a for a, b in zip(before, dec.cache.writes, strict=True)]
         # one write per draft token on the layers the draft runs, one verify write everywhere
         assert delta == [1 + (0 if i in (1, 3, 4) else k) for i in range(6)]
+
+
+@torch.no_grad()
+def test_rounds_never_copy_the_cache():
+    """Memory proof of "no copy": during a long generation no operator allocates even half of
+    one layer's K buffer (a copy of the cache, or of one layer's committed K/V, would)."""
+    import transformers as tf
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,  # no GQA: transformers' repeat_kv would copy K/V views itself
+        head_dim=16,
+        attn_implementation="sdpa",
+    )
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 128, (1, 300))
+    dec = ClaspDecoder(
+        model,
+        max_new_tokens=40,
+        eos_token_id=[],
+        max_draft=4,
+        num_skip_layers=2,
+        update_interval=2,
+    )
+    dec.prefill(ids)
+    layer_bytes = dec.cache.keys[0].numel() * dec.cache.keys[0].element_size()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        while not dec.finished:
+            dec.step()
+    assert dec.stats.rounds > 5 and dec.stats.dp_runs > 2
+    biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert 0 < biggest < layer_bytes // 2, (biggest, layer_bytes)
