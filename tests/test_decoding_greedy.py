@@ -175,3 +175,45 @@ def test_low_precision_runs(dtype):
     assert out.sequences[0, :9].tolist() == want[:9]
     s = generate(model, ids, max_new_tokens=12, eos_token_id=[], temperature=0.9, top_p=0.9, seed=1)
     assert s.sequences.shape == (1, 20)
+
+
+@torch.no_grad()
+def test_update_interval_and_strategies_schedule():
+    model = tiny_model("llama", layers=6, seed=4)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    want = hf_greedy(model, ids, 30)
+    runs = {}
+    for strategy, interval in [("dp", 1), ("dp", 3), ("static", 1), ("importance", 2)]:
+        out = generate(
+            model,
+            ids,
+            max_new_tokens=30,
+            eos_token_id=[],
+            num_skip_layers=3,
+            skip_strategy=strategy,
+            update_interval=interval,
+            max_draft=3,
+        )
+        assert_lossless(model, out.sequences[0].tolist(), want, 7)
+        s = out.stats
+        runs[(strategy, interval)] = (s.dp_runs, s.rounds)
+        assert len(s.importance) == 6 and len(s.skip_layers) == 3
+    dp1, r1 = runs[("dp", 1)]
+    assert dp1 == r1  # at prefill, then after every round but the last
+    dp3, r3 = runs[("dp", 3)]
+    assert dp3 == 1 + (r3 - 1) // 3
+    assert runs[("static", 1)][0] == 1
+    imp, ri = runs[("importance", 2)]
+    assert imp == 1 + (ri - 1) // 2
+    for strategy in ("random", [0, 2, 5]):
+        s = generate(
+            model,
+            ids,
+            max_new_tokens=30,
+            eos_token_id=[],
+            num_skip_layers=3,
+            skip_strategy=strategy,
+            seed=0,
+        ).stats
+        assert s.dp_runs == 0 and len(s.skip_layers) == 3
+    assert s.skip_layers == [0, 2, 5]
