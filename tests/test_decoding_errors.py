@@ -141,3 +141,10 @@ def test_unsupported_models():
         ClaspDecoder(mamba)
     with pytest.raises(UnsupportedModelError, match="attn_implementation"):
         ClaspDecoder(tiny_model("llama", layers=2, attn="flex_attention"))
+
+
+def test_bidirectional_model_rejected():
+    model = tiny_model("gemma3", layers=2)
+    model.config.use_bidirectional_attention = True
+    with pytest.raises(UnsupportedModelError, match="bidirectional"):
+        ClaspDecoder(model)

@@ -217,3 +217,24 @@ def test_update_interval_and_strategies_schedule():
         ).stats
         assert s.dp_runs == 0 and len(s.skip_layers) == 3
     assert s.skip_layers == [0, 2, 5]
+
+
+@torch.no_grad()
+def test_transformers_streamer_protocol():
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ends = [], 0
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ends += 1
+
+    model = tiny_model("mistral", layers=4, seed=1)
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(1))
+    rec = Recorder()
+    out = generate(model, ids, max_new_tokens=12, eos_token_id=[], streamer=rec)
+    assert rec.puts[0] == ids.tolist()  # the prompt first, like model.generate
+    assert sum(rec.puts[1:], []) == out.sequences[0, 5:].tolist()
+    assert rec.ends == 1

@@ -60,6 +60,11 @@ class ModelAdapter:
                 "causal LMs are supported"
             )
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text_config, "use_bidirectional_attention", False):
+            raise UnsupportedModelError(
+                f"clasp_ext: {type(model).__name__} uses bidirectional attention; only causal "
+                "decoders are supported"
+            )
         self.model = model
         self.config = text_config
         self.base = _find_base(model)
