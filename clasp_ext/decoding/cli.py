@@ -1,0 +1,169 @@
+"""``python -m clasp_ext generate``: stream a CLaSp generation, print its statistics, and with
+``--compare`` check it against the model's own ``generate`` and print the measured speedup."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name_or_path: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer) from a known model name (fetched and converted on first use by
+    ``clasp_ext.models``) or a local Hugging Face model folder."""
+    try:
+        from clasp_ext import models  # the fetch/convert/cache module
+    except ImportError:  # pragma: no cover - older trees without it
+        models = None
+    if models is not None:
+        return models.load(name_or_path, dtype=dtype, device=device)
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{name_or_path!r} is not a model folder with a config.json")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clasp_ext", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text with CLaSp self-speculative decoding")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="qwen2.5-coder-1.5b, gemma-3-270m, or a model folder (default %(default)s)",
+    )
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--compare", action="store_true", help="also run model.generate and compare")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--num-skip-layers", type=int, default=None)
+    g.add_argument("--skip-ratio", type=float, default=None)
+    g.add_argument("--max-draft", type=int, default=None)
+    g.add_argument("--draft-exit-threshold", type=float, default=None)
+    g.add_argument("--update-interval", type=int, default=None)
+    g.add_argument("--skip-strategy", default=None, help="dp, static, importance, random or 0,3,5")
+    g.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def _config_overrides(args) -> dict:
+    o = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    for name in (
+        "num_skip_layers",
+        "skip_ratio",
+        "max_draft",
+        "draft_exit_threshold",
+        "update_interval",
+        "seed",
+    ):
+        if getattr(args, name) is not None:
+            o[name] = getattr(args, name)
+    if args.skip_strategy is not None:
+        s = args.skip_strategy
+        o["skip_strategy"] = [int(x) for x in s.split(",") if x] if s[:1].isdigit() else s
+    return o
+
+
+class _TextStream:
+    """Prints the decoded continuation as tokens arrive."""
+
+    def __init__(self, tokenizer, out):
+        self.tok = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new_tokens: list[int]) -> None:
+        self.ids.extend(new_tokens)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def main(argv=None, out=None) -> int:
+    out = out or sys.stdout
+    args = _parser().parse_args(argv)
+    from clasp_ext.decoding import ClaspDecoder
+
+    model, tok = load_model(args.model, DTYPES[args.dtype], args.device)
+    if args.chat:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
+    ids = ids.to(model.device)
+    stream = _TextStream(tok, out)
+    dec = ClaspDecoder(model, callback=stream, **_config_overrides(args))
+    start = time.perf_counter()
+    dec.prefill(ids)
+    while not dec.finished:
+        dec.step()
+    t_clasp = time.perf_counter() - start
+    out.write("\n")
+    s = dec.stats
+    new = s.new_tokens
+    out.write(
+        f"\n[clasp] {new} tokens in {t_clasp:.2f} s ({new / max(t_clasp, 1e-9):.1f} tok/s); "
+        f"rounds {s.rounds}, tau {s.tau:.2f} tokens/round, acceptance {s.acceptance_rate:.2f}, "
+        f"DP runs {s.dp_runs}, skip {s.skip_layers}\n"
+        f"[clasp] time: prefill {s.time_prefill:.2f} s, draft {s.time_draft:.2f} s, verify "
+        f"{s.time_verify:.2f} s, DP {s.time_dp:.2f} s, other {s.time_other:.2f} s; host syncs "
+        f"per round {s.host_syncs_per_round:.2f}\n"
+    )
+    if not args.compare:
+        return 0
+    c = dec.config
+    kwargs = dict(max_new_tokens=c.max_new_tokens, pad_token_id=tok.pad_token_id or 0)
+    kwargs["eos_token_id"] = c.eos_token_id or None
+    if c.greedy:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+    start = time.perf_counter()
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    t_ar = time.perf_counter() - start
+    n_ar = ref.shape[1] - ids.shape[1]
+    out.write(
+        f"[compare] model.generate: {n_ar} tokens in {t_ar:.2f} s "
+        f"({n_ar / max(t_ar, 1e-9):.1f} tok/s); speedup {t_ar / max(t_clasp, 1e-9):.2f}x "
+        f"(per token {(t_ar / max(n_ar, 1)) / (t_clasp / max(new, 1)):.2f}x)\n"
+    )
+    if not c.greedy:
+        out.write("[compare] sampling: outputs are random draws, not compared token by token\n")
+        return 0
+    same = ref[0].tolist() == dec.tokens
+    out.write(f"[compare] outputs identical: {'yes' if same else 'NO'}\n")
+    if not same:
+        a, b = ref[0].tolist(), dec.tokens
+        i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+        out.write(f"[compare] first difference at new token {i - ids.shape[1]}\n")
+        return 1
+    return 0

@@ -1,0 +1,176 @@
+"""ClaspConfig: the knobs of SPEC section 3 plus generation limits, validated with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from clasp_ext.decoding.layer_search import STRATEGIES
+
+DEFAULT_SKIP_RATIO = 0.5
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class ClaspConfig:
+    """Settings of one CLaSp generation.
+
+    ``None`` means "take it from ``model.generation_config`` where it has one, else the default":
+    temperature/top_k/top_p come from the generation config only when it sets ``do_sample=True``
+    (otherwise decoding is greedy); ``eos_token_id`` and ``max_new_tokens`` come from it when set.
+    Pass ``eos_token_id=[]`` to disable EOS.
+    """
+
+    num_skip_layers: int | None = None  # M; exclusive with skip_ratio
+    skip_ratio: float | None = None  # M = round(skip_ratio * L); default 0.5 when neither is set
+    max_draft: int = 8
+    draft_exit_threshold: float = 0.3
+    update_interval: int = 8
+    temperature: float | None = None  # 0 = greedy
+    top_k: int | None = None  # 0 = off
+    top_p: float | None = None  # 1.0 = off
+    max_new_tokens: int | None = None
+    eos_token_id: int | list[int] | None = None
+    seed: int | None = None
+    skip_strategy: str | Sequence[int] = "dp"
+    max_cache_len: int | None = None  # total cache slots; None = sized for the request
+
+    def replace(self, **overrides) -> ClaspConfig:
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(
+                f"clasp_ext: unknown ClaspConfig field(s) {unknown}; valid: {sorted(names)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    # ------------------------------------------------------------------ resolution
+    def resolved(self, num_layers: int, generation_config=None) -> ClaspConfig:
+        """A copy with every ``None`` filled in and all values validated (raises ValueError)."""
+        gc = generation_config
+        c = dataclasses.replace(self)
+        do_sample = bool(getattr(gc, "do_sample", False)) if gc is not None else False
+        if c.temperature is None:
+            t = getattr(gc, "temperature", None) if do_sample else None
+            c.temperature = float(t) if t is not None else (1.0 if do_sample else 0.0)
+        if c.top_k is None:
+            k = getattr(gc, "top_k", None) if do_sample else None
+            c.top_k = int(k) if k is not None else 0
+        if c.top_p is None:
+            p = getattr(gc, "top_p", None) if do_sample else None
+            c.top_p = float(p) if p is not None else 1.0
+        if c.max_new_tokens is None:
+            m = getattr(gc, "max_new_tokens", None) if gc is not None else None
+            c.max_new_tokens = int(m) if m is not None else DEFAULT_MAX_NEW_TOKENS
+        if c.eos_token_id is None:
+            e = getattr(gc, "eos_token_id", None) if gc is not None else None
+            c.eos_token_id = [] if e is None else e
+        if _is_int(c.eos_token_id):
+            c.eos_token_id = [c.eos_token_id]
+        c.eos_token_id = list(c.eos_token_id)
+
+        # skip set size
+        strategy = c.skip_strategy
+        if isinstance(strategy, str):
+            if strategy not in STRATEGIES:
+                raise ValueError(
+                    f"clasp_ext: skip_strategy must be one of {STRATEGIES} or a list of layer "
+                    f"indices, got {strategy!r}"
+                )
+        else:
+            try:
+                layers = list(strategy)
+            except TypeError:
+                raise ValueError(
+                    f"clasp_ext: skip_strategy must be one of {STRATEGIES} or a list of layer "
+                    f"indices, got {strategy!r}"
+                ) from None
+            if not all(_is_int(i) for i in layers):
+                raise ValueError(f"clasp_ext: skip_strategy layer indices must be ints: {layers}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"clasp_ext: skip_strategy has repeated layers: {layers}")
+            bad = [i for i in layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(
+                    f"clasp_ext: skip_strategy layers {bad} out of range [0, {num_layers})"
+                )
+            if c.num_skip_layers is not None and c.num_skip_layers != len(layers):
+                raise ValueError(
+                    f"clasp_ext: num_skip_layers={c.num_skip_layers} contradicts the explicit "
+                    f"skip list of {len(layers)} layers"
+                )
+            c.skip_strategy = sorted(layers)
+            c.num_skip_layers = len(layers)
+        if c.num_skip_layers is not None and c.skip_ratio is not None:
+            raise ValueError("clasp_ext: set num_skip_layers or skip_ratio, not both")
+        if c.num_skip_layers is None:
+            ratio = DEFAULT_SKIP_RATIO if c.skip_ratio is None else c.skip_ratio
+            if not _is_real(ratio) or not 0.0 <= ratio < 1.0:
+                raise ValueError(f"clasp_ext: skip_ratio must be in [0, 1), got {ratio!r}")
+            c.num_skip_layers = min(int(round(ratio * num_layers)), num_layers - 1)
+        if not _is_int(c.num_skip_layers) or not 0 <= c.num_skip_layers < num_layers:
+            raise ValueError(
+                f"clasp_ext: num_skip_layers must be an int in [0, {num_layers}) for a model with "
+                f"{num_layers} layers, got {c.num_skip_layers!r}"
+            )
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"clasp_ext: {msg}")
+
+        need(
+            _is_int(self.max_draft) and self.max_draft >= 0,
+            f"max_draft must be an int >= 0, got {self.max_draft!r}",
+        )
+        need(
+            _is_real(self.draft_exit_threshold) and 0.0 <= self.draft_exit_threshold <= 1.0,
+            f"draft_exit_threshold must be in [0, 1], got {self.draft_exit_threshold!r}",
+        )
+        need(
+            _is_int(self.update_interval) and self.update_interval >= 1,
+            f"update_interval must be an int >= 1, got {self.update_interval!r}",
+        )
+        need(
+            _is_real(self.temperature)
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0,
+            f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}",
+        )
+        need(
+            _is_int(self.top_k) and self.top_k >= 0,
+            f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}",
+        )
+        need(
+            _is_real(self.top_p) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}",
+        )
+        need(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
+            f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}",
+        )
+        need(
+            all(_is_int(e) and e >= 0 for e in self.eos_token_id),
+            f"eos_token_id must be an int >= 0 or a list of them, got {self.eos_token_id!r}",
+        )
+        need(self.seed is None or _is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        need(
+            self.max_cache_len is None or (_is_int(self.max_cache_len) and self.max_cache_len > 0),
+            f"max_cache_len must be a positive int, got {self.max_cache_len!r}",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

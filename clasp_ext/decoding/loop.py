@@ -1,0 +1,452 @@
+"""The CLaSp decoding loop (SPEC section 1): draft with the skip set, one verify forward per round,
+greedy or speculative-sampling acceptance on the ops, the skip-set DP every ``update_interval``
+rounds. Batch size 1.
+
+Lossless by construction: every committed token is chosen by ``clasp.verify_greedy`` /
+``clasp.verify_sample`` from the logits of the full-model verify forward, which runs every layer
+over [t0, drafts] against the K/V the full model wrote for all earlier positions (the draft's K/V at
+the draft positions are overwritten by the verify pass before anything reads them). The draft only
+decides what is proposed. ``ModelAdapter.self_check`` refuses a model whose layer-by-layer forward
+does not reproduce the model's own logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from clasp_ext import ops
+from clasp_ext.decoding.adapter import ModelAdapter
+from clasp_ext.decoding.config import ClaspConfig
+from clasp_ext.decoding.kv_cache import ClaspKVCache
+from clasp_ext.decoding.layer_search import (
+    dp_skip_search,
+    explicit_skip_mask,
+    importance_skip_mask,
+    random_skip_mask,
+)
+
+
+@dataclass
+class ClaspStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    round_tokens: int = 0  # tokens emitted by verify rounds (excludes the prefill token)
+    dp_runs: int = 0
+    skip_layers: list = field(default_factory=list)
+    importance: list = field(default_factory=list)  # per layer, at the last DP target
+    host_syncs: int = 0  # all device->host reads (prefill included)
+    round_host_syncs: int = 0  # those made inside verify rounds (draft + verify + DP)
+    max_round_host_syncs: int = 0
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_dp: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def time_other(self) -> float:
+        return max(
+            0.0,
+            self.time_total - self.time_prefill - self.time_draft - self.time_verify - self.time_dp,
+        )
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per verify round (the paper's mean accepted length)."""
+        return self.round_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def host_syncs_per_round(self) -> float:
+        return self.round_host_syncs / self.rounds if self.rounds else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            tau=self.tau,
+            acceptance_rate=self.acceptance_rate,
+            host_syncs_per_round=self.host_syncs_per_round,
+            time_other=self.time_other,
+        )
+        return d
+
+
+@dataclass
+class ClaspOutput:
+    sequences: Tensor  # [1, prompt + new] like model.generate
+    stats: ClaspStats
+
+
+def process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Temperature, top-k, top-p (transformers' warper semantics, in that order) -> float32
+    probabilities. Applied identically to the draft and the target."""
+    x = logits.float() / temperature
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, idx = torch.sort(x, dim=-1, descending=False)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1.0 - top_p)
+        remove[..., -1:] = False
+        x = x.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return x.softmax(dim=-1)
+
+
+class ClaspDecoder:
+    """Stateful CLaSp decoder for one sequence: ``prefill(ids)`` then ``step()`` until
+    ``finished``; ``reset()`` makes it reusable (also after an error)."""
+
+    def __init__(
+        self, model, config: ClaspConfig | None = None, *, callback=None, streamer=None, **overrides
+    ):
+        if config is None:
+            config = ClaspConfig()
+        elif not isinstance(config, ClaspConfig):
+            raise TypeError(f"clasp_ext: config must be a ClaspConfig, got {type(config).__name__}")
+        if overrides:
+            config = config.replace(**overrides)
+        self.model = model
+        self.adapter = ModelAdapter(model)
+        self.config = config.resolved(
+            self.adapter.num_layers, getattr(model, "generation_config", None)
+        )
+        self.callback = callback
+        self.streamer = streamer
+        self.device = self.adapter.device
+        self.cache: ClaspKVCache | None = None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed()  # no seed: one nondeterministic stream across prefills
+        a = self.adapter
+        with torch.no_grad():
+            a.self_check(
+                lambda n: ClaspKVCache(
+                    a.num_layers, a.num_kv_heads, a.head_dim, n, a.dtype, a.device
+                )
+            )
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        c = self.config
+        self.tokens: list[int] = []
+        self.prompt_len = 0
+        self.finished = True
+        self._prefilled = False
+        self._t0_dev: Tensor | None = None
+        self._eos = set(c.eos_token_id)
+        self.stats = ClaspStats()
+        self.skip = [False] * self.adapter.num_layers
+        self._rounds_since_dp = 0
+        self._round_syncs = 0
+        if c.seed is not None:  # a fixed seed: every prefill replays the same randomness
+            self.generator.manual_seed(c.seed)
+        if self.cache is not None:
+            self.cache.reset()
+
+    def _sync(self, t: Tensor) -> list:
+        """The one way device values reach the host; counted."""
+        self.stats.host_syncs += 1
+        self._round_syncs += 1
+        return t.tolist()
+
+    # ------------------------------------------------------------------ forward passes
+    def _full_forward(self, ids: Tensor, start: int, keep_last_only: bool = False):
+        a = self.adapter
+        T = ids.shape[1]
+        pos = torch.arange(start, start + T, device=self.device)
+        h = a.embed(ids)
+        pe = a.position_embeddings(h, pos[None])
+        masks = a.causal_masks(pos, start + T)
+        self.cache.set_write(start)
+        hs = [h[:, -1:] if keep_last_only else h]
+        for i in range(a.num_layers):
+            h = a.run_layer(i, h, pos[None], pe, masks, self.cache)
+            hs.append(h[:, -1:] if keep_last_only else h)
+        logits = a.head(h[:, -1:] if keep_last_only else h)
+        return logits, hs
+
+    def _draft_forward(self, tok: Tensor, pos: int) -> Tensor:
+        a = self.adapter
+        p = torch.arange(pos, pos + 1, device=self.device)  # a kernel, not a host copy
+        h = a.embed(tok)
+        pe = a.position_embeddings(h, p[None])
+        masks = a.causal_masks(p, pos + 1)
+        self.cache.set_write(pos)
+        for i in range(a.num_layers):
+            if not self.skip[i]:
+                h = a.run_layer(i, h, p[None], pe, masks, self.cache)
+        return a.head(h)[:, -1]  # [1, V]
+
+    def _probs(self, logits: Tensor) -> Tensor:
+        c = self.config
+        return process_logits(logits, c.temperature, c.top_k, c.top_p)
+
+    # ------------------------------------------------------------------ skip set
+    def _update_skip(self, target_hidden: Tensor, target_pos: int, scratch: int, initial: bool):
+        c = self.config
+        M = c.num_skip_layers
+        L = self.adapter.num_layers
+        strategy = c.skip_strategy
+        t = time.perf_counter()
+        if not isinstance(strategy, str):
+            if initial:
+                self.skip = explicit_skip_mask(L, strategy)
+        elif strategy == "random":
+            if initial:
+                self.skip = random_skip_mask(L, M, self._cpu_generator())
+        elif strategy in ("dp", "static", "importance"):
+            if not initial and strategy == "static":
+                return
+            if strategy == "importance":
+                mask, imp = importance_skip_mask(target_hidden, M)
+            else:
+                mask = dp_skip_search(
+                    self.adapter, self.cache, target_hidden, target_pos, scratch, M
+                )
+                imp = ops.layer_importance(target_hidden)
+            host = self._sync(torch.cat([mask.float(), imp.float()], 1)[0])
+            self.skip = [bool(x) for x in host[:L]]
+            self.stats.importance = host[L:]
+            self.stats.dp_runs += 1
+        self.stats.skip_layers = [i for i in range(L) if self.skip[i]]
+        self.stats.time_dp += time.perf_counter() - t
+        self._rounds_since_dp = 0
+
+    def _cpu_generator(self) -> torch.Generator:
+        g = torch.Generator()
+        if self.config.seed is not None:
+            g.manual_seed(self.config.seed)
+        else:
+            g.seed()
+        return g
+
+    # ------------------------------------------------------------------ input checks
+    def _check_ids(self, input_ids) -> Tensor:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(
+                f"clasp_ext: input_ids must be a torch.Tensor, got {type(input_ids).__name__}"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"clasp_ext: input_ids must be int64 (or int32) token ids, got {input_ids.dtype}"
+            )
+        if input_ids.device != self.device:
+            raise ValueError(
+                f"clasp_ext: input_ids is on {input_ids.device} but the model is on "
+                f"{self.device}; move it with input_ids.to(model.device)"
+            )
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"clasp_ext: input_ids must be [1, T] (or [T]), got shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"clasp_ext: batch size {input_ids.shape[0]} is not supported; CLaSp decoding "
+                "takes one sequence (batch size 1)"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("clasp_ext: empty prompt (input_ids has no tokens)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.adapter.vocab_size:
+            raise ValueError(
+                f"clasp_ext: token ids must be in [0, {self.adapter.vocab_size}), got [{lo}, {hi}]"
+            )
+        return input_ids.long()
+
+    # ------------------------------------------------------------------ API
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> list[int]:
+        """Runs the prompt, emits the first token (returned), and chooses the first skip set."""
+        self.reset()
+        ids = self._check_ids(input_ids)
+        c = self.config
+        a = self.adapter
+        T = ids.shape[1]
+        headroom = max(c.max_draft, c.num_skip_layers) + 2
+        self.max_new_tokens = c.max_new_tokens
+        if c.max_cache_len is not None:
+            if T + headroom + 1 > c.max_cache_len:
+                raise ValueError(
+                    f"clasp_ext: the prompt of {T} tokens does not fit max_cache_len="
+                    f"{c.max_cache_len} (it needs {T + headroom + 1} slots with max_draft="
+                    f"{c.max_draft}, num_skip_layers={c.num_skip_layers})"
+                )
+            capacity = c.max_cache_len
+            self.max_new_tokens = min(c.max_new_tokens, capacity - headroom - T)
+        else:
+            capacity = T + c.max_new_tokens + headroom
+        if self.cache is None or self.cache.capacity < capacity:
+            self.cache = None  # free the old one first
+            self.cache = ClaspKVCache(
+                a.num_layers, a.num_kv_heads, a.head_dim, capacity, a.dtype, self.device
+            )
+        self.cache.reset()
+        t_start = time.perf_counter()
+        self._round_syncs = 0
+        self.prompt_len = T
+        self.tokens = ids[0].tolist()
+        if self.streamer is not None:
+            self.streamer.put(ids.cpu())
+        self._prefilled = True
+        self.finished = False
+        if self.max_new_tokens <= 0:
+            self._finish()
+            return []
+        logits, hs = self._full_forward(ids, 0, keep_last_only=True)
+        self.cache.rollback(T)
+        self._seq_lens = torch.full((1,), T, dtype=torch.int32, device=self.device)
+        if c.greedy:
+            first = logits[:, -1].argmax(-1, keepdim=True)
+        else:
+            first = torch.multinomial(self._probs(logits[:, -1]), 1, generator=self.generator)
+        self._t0_dev = first  # [1, 1]
+        tok = self._sync(first)[0][0]
+        self.stats.time_prefill += time.perf_counter() - t_start
+        if self.config.num_skip_layers > 0:
+            target = torch.stack([h[:, -1] for h in hs], 1)
+            self._update_skip(target, T - 1, T, initial=True)
+        self.stats.time_total += time.perf_counter() - t_start
+        return self._emit([tok])
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """One round: draft, verify, maybe the DP. Returns the newly emitted tokens."""
+        if not self._prefilled:
+            raise RuntimeError("clasp_ext: call prefill(input_ids) before step()")
+        if self.finished:
+            return []
+        c = self.config
+        t_round = time.perf_counter()
+        self._round_syncs = 0
+        n = self.cache.committed
+        remaining = self.max_new_tokens - self.stats.new_tokens
+        k_max = min(c.max_draft, remaining - 1)
+        thr = c.draft_exit_threshold
+
+        # ---- draft
+        t = time.perf_counter()
+        drafts: list[Tensor] = []
+        qs: list[Tensor] = []
+        tok = self._t0_dev
+        for j in range(k_max):
+            logits = self._draft_forward(tok, n + j)
+            if c.greedy:
+                nxt = logits.argmax(-1, keepdim=True)
+                top1 = logits.float().softmax(-1).amax(-1) if thr > 0 else None
+            else:
+                q = self._probs(logits)
+                qs.append(q)
+                nxt = torch.multinomial(q, 1, generator=self.generator)
+                top1 = q.amax(-1)
+            drafts.append(nxt)
+            tok = nxt
+            if thr > 0:  # control flow needs the values: one read per draft token
+                tok_id, prob = self._sync(torch.cat([nxt.double().flatten(), top1.double()]))
+                if prob < thr or int(tok_id) in self._eos:
+                    break
+        k = len(drafts)
+        t2 = time.perf_counter()
+        self.stats.time_draft += t2 - t
+
+        # ---- verify
+        inp = torch.cat([self._t0_dev, *drafts], dim=1)
+        logits, hs = self._full_forward(inp, n)
+        draft_tokens = torch.cat(drafts, 1) if k else inp.new_zeros(1, 0)
+        num_draft = torch.full((1,), k, dtype=torch.int32, device=self.device)
+        if c.greedy:
+            accepted, out = ops.verify_greedy(draft_tokens, num_draft, logits, self._seq_lens)
+        else:
+            p = self._probs(logits)
+            q = torch.stack(qs, 1) if k else p.new_zeros(1, 0, p.shape[-1])
+            u = torch.rand(1, k + 1, 2, generator=self.generator, device=self.device)
+            accepted, out = ops.verify_sample(draft_tokens, num_draft, q, p, u, self._seq_lens)
+        host = self._sync(torch.cat([accepted.long(), out[0]]))
+        acc = int(host[0])
+        emitted = [int(x) for x in host[1 : acc + 2]]
+        self._t0_dev = out[:, acc : acc + 1]
+        t3 = time.perf_counter()
+        self.stats.time_verify += t3 - t2
+        self.stats.rounds += 1
+        self.stats.drafted += k
+        self.stats.accepted += acc
+
+        # ---- EOS / length (exact: never past EOS, never past max_new_tokens)
+        for i, tk in enumerate(emitted):
+            if tk in self._eos:
+                emitted = emitted[: i + 1]
+                break
+        emitted = emitted[:remaining]
+        self.cache.rollback(n + len(emitted))
+        self.stats.round_tokens += len(emitted)
+        out_tokens = self._emit(emitted)
+
+        # ---- layer optimization
+        self._rounds_since_dp += 1
+        if (
+            not self.finished
+            and c.skip_strategy in ("dp", "importance")
+            and c.num_skip_layers > 0
+            and self._rounds_since_dp >= c.update_interval
+        ):
+            target = torch.stack([h[:, acc] for h in hs], 1)
+            self._update_skip(target, n + acc, n + acc + 1, initial=False)
+        self.stats.round_host_syncs += self._round_syncs
+        self.stats.max_round_host_syncs = max(self.stats.max_round_host_syncs, self._round_syncs)
+        self.stats.time_total += time.perf_counter() - t_round
+        return out_tokens
+
+    def _emit(self, toks: list[int]) -> list[int]:
+        self.tokens.extend(toks)
+        self.stats.new_tokens += len(toks)
+        if toks:
+            if self.callback is not None:
+                self.callback(list(toks))
+            if self.streamer is not None:
+                self.streamer.put(torch.tensor(toks))
+        if (toks and toks[-1] in self._eos) or self.stats.new_tokens >= self.max_new_tokens:
+            self._finish()
+        return toks
+
+    def _finish(self):
+        if not self.finished and self.streamer is not None:
+            self.streamer.end()
+        self.finished = True
+
+    @property
+    def sequences(self) -> Tensor:
+        return torch.tensor([self.tokens], dtype=torch.long, device=self.device)
+
+    def generate(self, input_ids: Tensor) -> ClaspOutput:
+        self.prefill(input_ids)
+        while not self.finished:
+            self.step()
+        return ClaspOutput(sequences=self.sequences, stats=self.stats)
+
+
+def generate(
+    model,
+    input_ids: Tensor,
+    config: ClaspConfig | None = None,
+    *,
+    callback=None,
+    streamer=None,
+    **overrides,
+) -> ClaspOutput:
+    """CLaSp generation for one sequence: ``.sequences`` is prompt + new tokens (like
+    ``model.generate``), ``.stats`` the round statistics. Keyword overrides replace config
+    fields, e.g. ``generate(model, ids, max_new_tokens=64, temperature=0)``."""
+    dec = ClaspDecoder(model, config, callback=callback, streamer=streamer, **overrides)
+    return dec.generate(input_ids)

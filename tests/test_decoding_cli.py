@@ -1,0 +1,92 @@
+"""The command line on a tiny model folder made in the test (no downloads)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from decoding_models import tiny_model
+
+from clasp_ext.decoding import cli
+from clasp_ext.decoding.cli import main
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def model_dir(monkeypatch, tmp_path):
+    """A tiny Qwen2 and a word-level tokenizer; the loader is replaced so nothing is fetched."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(252)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    model = tiny_model("qwen2", layers=4, window=4)
+    seen = {}
+
+    def fake_load(name, dtype, device):
+        seen["args"] = (name, dtype, device)
+        return model.to(dtype), fast
+
+    monkeypatch.setattr(cli, "load_model", fake_load)
+    yield tmp_path
+    assert seen["args"] == (str(tmp_path), torch.float32, "cpu")
+
+
+def test_cli_generate_compare(model_dir):
+    out = io.StringIO()
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "w5 w9 w17 w3",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "16",
+            "--compare",
+            "--max-draft",
+            "3",
+        ],
+        out=out,
+    )
+    text = out.getvalue()
+    assert rc == 0, text
+    assert "outputs identical: yes" in text
+    assert "tau" in text and "speedup" in text
+
+
+def test_cli_sampling(model_dir):
+    out = io.StringIO()
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "w5 w9",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+            "--compare",
+        ],
+        out=out,
+    )
+    assert rc == 0
+    assert "not compared token by token" in out.getvalue()
