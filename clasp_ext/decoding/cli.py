@@ -14,23 +14,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: str):
-    """(model, tokenizer) from a known model name (fetched and converted on first use by
-    ``clasp_ext.models``) or a local Hugging Face model folder."""
-    try:
-        from clasp_ext import models  # the fetch/convert/cache module
-    except ImportError:  # pragma: no cover - older trees without it
-        models = None
-    if models is not None:
-        return models.load(name_or_path, dtype=dtype, device=device)
-    from pathlib import Path
+    """(model, tokenizer) from a known model name (fetched and converted on first use), a model
+    folder or a .gguf file: see ``clasp_ext.models``."""
+    from clasp_ext import models
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{name_or_path!r} is not a model folder with a config.json")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return models.load(name_or_path, dtype=dtype, device=device)
 
 
 def _parser() -> argparse.ArgumentParser:
