@@ -109,6 +109,8 @@ def main(argv=None, out=None) -> int:
     ids = ids.to(model.device)
     stream = _TextStream(tok, out)
     dec = ClaspDecoder(model, callback=stream, **_config_overrides(args))
+    with torch.no_grad():  # warm-up, so neither timed method pays first-call costs
+        model(ids)
     start = time.perf_counter()
     dec.prefill(ids)
     while not dec.finished:
@@ -149,9 +151,31 @@ def main(argv=None, out=None) -> int:
         return 0
     same = ref[0].tolist() == dec.tokens
     out.write(f"[compare] outputs identical: {'yes' if same else 'NO'}\n")
-    if not same:
-        a, b = ref[0].tolist(), dec.tokens
-        i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
-        out.write(f"[compare] first difference at new token {i - ids.shape[1]}\n")
-        return 1
-    return 0
+    if same:
+        return 0
+    return 0 if _explain_divergence(model, ref[0], dec.tokens, ids.shape[1], out) else 1
+
+
+def _explain_divergence(model, ref: torch.Tensor, tokens: list[int], prompt_len: int, out) -> bool:
+    """At the first differing token, report the full model's top-2 logit gap over the reference
+    sequence. Returns True when the step is a floating-point near-tie (SPEC section 4): a gap
+    within two units in the last place of the logits' dtype, where a batched verify pass and a
+    one-token step may round differently; False means a real mismatch."""
+    a = ref.tolist()
+    i = next((j for j in range(min(len(a), len(tokens))) if a[j] != tokens[j]), None)
+    if i is None:  # one sequence is a prefix of the other: a length difference, never a tie
+        out.write(f"[compare] lengths differ: {len(a)} vs {len(tokens)} tokens\n")
+        return False
+    with torch.no_grad():
+        logits = model(ref[None, :i]).logits[0, -1]
+    top = logits.topk(2)
+    v0, v1 = (float(x) for x in top.values)
+    ulp = torch.finfo(logits.dtype).eps * max(abs(v0), 1.0)
+    tie = v0 - v1 <= 2 * ulp
+    out.write(
+        f"[compare] first difference at new token {i - prompt_len}: model.generate chose "
+        f"{a[i]}, CLaSp {tokens[i]}; the full model's top-2 logits there are {v0:.4f} and "
+        f"{v1:.4f} (gap {v0 - v1:.2g}, {logits.dtype} ulp {ulp:.2g}): "
+        + ("a floating-point near-tie, allowed by SPEC section 4\n" if tie else "NOT a near-tie\n")
+    )
+    return tie
