@@ -44,6 +44,14 @@ void check_same_device(const char* op,
   }
 }
 
+void check_num_draft_values_cpu(const char* op, const at::Tensor& num_draft, int64_t K) {
+  const int32_t* nd = num_draft.const_data_ptr<int32_t>();
+  const int64_t stride = num_draft.stride(0);
+  for (int64_t b = 0; b < num_draft.size(0); ++b)
+    TORCH_CHECK(nd[b * stride] >= 0 && nd[b * stride] <= K, op, ": num_draft[", b,
+                "] = ", nd[b * stride], " is outside [0, K] with K = draft_tokens.size(1) = ", K);
+}
+
 void check_cosine_scores(const at::Tensor& candidates, const at::Tensor& target) {
   constexpr const char* op = "clasp::cosine_scores";
   check_float_tensor(candidates, op, "candidates", 3);

@@ -28,6 +28,10 @@ void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t di
 void check_same_device(const char* op,
                        std::initializer_list<std::pair<const char*, const at::Tensor*>> ts);
 
+// Values of num_draft (a CPU tensor) lie in [0, K]. Only the CPU kernels call it: on CUDA it would
+// need a host sync, so the CUDA kernels clamp instead.
+void check_num_draft_values_cpu(const char* op, const at::Tensor& num_draft, int64_t K);
+
 // Per-op argument checks (one per op, used by both back ends).
 void check_cosine_scores(const at::Tensor& candidates, const at::Tensor& target);
 void check_layer_importance(const at::Tensor& hidden);

@@ -13,14 +13,6 @@ namespace clasp {
 
 namespace {
 constexpr int64_t kChunk = 32768;  // vocabulary entries per parallel argmax task
-
-// num_draft values must lie in [0, K]; on CPU this costs nothing to check.
-void check_num_draft_values(const char* op, const int32_t* nd, int64_t stride, int64_t B,
-                            int64_t K) {
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(nd[b * stride] >= 0 && nd[b * stride] <= K, op, ": num_draft[", b,
-                "] = ", nd[b * stride], " is outside [0, K] with K = draft_tokens.size(1) = ", K);
-}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& draft_tokens,
@@ -31,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& draft_tok
   const int64_t B = draft_tokens.size(0), K = draft_tokens.size(1), V = target_logits.size(2);
   const int32_t* nd = num_draft.const_data_ptr<int32_t>();
   const int64_t nds = num_draft.stride(0);
-  check_num_draft_values("clasp::verify_greedy", nd, nds, B, K);
+  check_num_draft_values_cpu("clasp::verify_greedy", num_draft, K);
 
   at::Tensor accepted = at::empty({B}, num_draft.options());
   at::Tensor out_tokens = at::empty({B, K + 1}, draft_tokens.options());

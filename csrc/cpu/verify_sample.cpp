@@ -42,9 +42,8 @@ std::tuple<at::Tensor, at::Tensor> verify_sample_cpu(
   const int64_t* dt = draft_tokens.const_data_ptr<int64_t>();
   const int64_t nds = num_draft.stride(0), ds0 = draft_tokens.stride(0),
                 ds1 = draft_tokens.stride(1);
+  check_num_draft_values_cpu(op, num_draft, K);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(nd[b * nds] >= 0 && nd[b * nds] <= K, op, ": num_draft[", b, "] = ", nd[b * nds],
-                " is outside [0, K] with K = draft_tokens.size(1) = ", K);
     for (int64_t i = 0; i < nd[b * nds]; ++i) {
       const int64_t tok = dt[b * ds0 + i * ds1];
       TORCH_CHECK(tok >= 0 && tok < V, op, ": draft_tokens[", b, ", ", i, "] = ", tok,
