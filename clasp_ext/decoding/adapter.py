@@ -11,16 +11,37 @@ value, layer_idx, ...)``, a final ``norm`` and a ``rotary_emb`` (tested: Llama, 
 Gemma 3). Lossless-ness does not rest on this file knowing every quirk of a family:
 ``ModelAdapter.self_check`` compares the adapter's logits with the model's own forward and refuses
 a model where they differ.
+
+Attention implementations: ``eager`` and ``sdpa`` get explicit 4-D masks. The flash-attention family
+(``flash_attention_2/3/4`` and hub flash kernels: whatever transformers' own
+``is_flash_attention_requested`` calls flash) takes no mask at all: it is causal, aligned to the
+bottom right when there are fewer queries than keys, and applies the layer's sliding window itself.
+That is exactly the draft and verify layout, because the cache hands attention the K/V view
+``[0, start + T)`` for queries at positions ``start .. start + T - 1`` (the view ends at the last
+query). The DP's candidate layout needs a custom mask that flash-attn cannot express, so that one
+call runs through sdpa (``ModelAdapter.masked_attention``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 from torch import Tensor, nn
 
-SUPPORTED_ATTN = ("eager", "sdpa")
+SUPPORTED_ATTN = ("eager", "sdpa")  # plus the flash-attention family, see _is_flash_attention
+
+try:  # the test transformers itself uses to route a model to its flash-attention path
+    from transformers.utils.generic import is_flash_attention_requested as _hf_is_flash
+except ImportError:  # older transformers: the same test, by name
+    _hf_is_flash = None
+
+
+def _is_flash_attention(attn_implementation: str) -> bool:
+    if _hf_is_flash is not None:
+        return bool(_hf_is_flash(requested_attention_implementation=attn_implementation))
+    return "flash" in attn_implementation
 
 
 class UnsupportedModelError(ValueError):
@@ -115,12 +136,30 @@ class ModelAdapter:
                     f"clasp_ext: {type(self.layers[0]).__name__}.forward takes no {name}="
                 )
         self.attn_implementation = getattr(text_config, "_attn_implementation", None) or "eager"
-        if self.attn_implementation not in SUPPORTED_ATTN:
+        self.is_flash = _is_flash_attention(self.attn_implementation)
+        if self.attn_implementation not in SUPPORTED_ATTN and not self.is_flash:
             raise UnsupportedModelError(
                 f"clasp_ext: attn_implementation={self.attn_implementation!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ATTN)}); load the model with "
-                "attn_implementation='sdpa' or 'eager'"
+                f"(supported: {', '.join(SUPPORTED_ATTN)} and flash_attention_2/3); load the "
+                "model with attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
             )
+        if self.is_flash:
+            # flash-attn takes no mask: causality comes only from the module's is_causal flag
+            for i, layer in enumerate(self.layers):
+                if getattr(layer.self_attn, "is_causal", True) is not True:
+                    raise UnsupportedModelError(
+                        f"clasp_ext: layer {i} attention is not causal (is_causal=False); "
+                        "flash attention would then attend to future tokens"
+                    )
+        # The implementation the DP's masked call runs with (see masked_attention), and the
+        # config objects the attention modules dispatch on (usually one, shared).
+        self.masked_attn_implementation = "sdpa" if self.is_flash else self.attn_implementation
+        attn_configs = {id(text_config): text_config}
+        for layer in self.layers:
+            cfg = getattr(layer.self_attn, "config", None)
+            if cfg is not None:
+                attn_configs[id(cfg)] = cfg
+        self._attn_configs = list(attn_configs.values())
 
         # Per-layer attention type and sliding window.
         layer_types = getattr(text_config, "layer_types", None)
@@ -204,17 +243,25 @@ class ModelAdapter:
         return self.logits_from_normed(self.final_norm(hidden))
 
     # ------------------------------------------------------------------ masks
-    def _to_attn_mask(self, allowed: Tensor) -> Tensor:
+    def _to_attn_mask(self, allowed: Tensor, attn_implementation: str) -> Tensor:
         """bool [T, S] (True = may attend) -> the 4-D mask [1, 1, T, S] the attention expects."""
-        if self.attn_implementation == "sdpa":
+        if attn_implementation == "sdpa":
             return allowed[None, None]
         zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
         neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=allowed.device)
         return torch.where(allowed, zero, neg)[None, None]
 
-    def causal_masks(self, q_positions: Tensor, kv_len: int) -> dict[int | None, Tensor]:
+    def causal_masks(self, q_positions: Tensor, kv_len: int) -> dict[int | None, Tensor | None]:
         """Masks for queries at ``q_positions`` [T] over cache slots [0, kv_len) where slot s holds
-        position s: causal, and within the window for sliding layers. One per distinct window."""
+        position s: causal, and within the window for sliding layers. One per distinct window.
+
+        Callers pass ``kv_len = last query position + 1``, and the cache hands attention the view
+        ``[0, kv_len)`` (``set_write(start)`` with queries at ``start .. kv_len - 1``). Flash
+        attention gets no mask (``None``, as transformers' own flash path does): its causal mask is
+        aligned to the bottom right, i.e. the last query sees exactly the last key slot, which is
+        this layout, and the attention module passes its own sliding window."""
+        if self.is_flash:
+            return dict.fromkeys(set(self.windows))
         slots = torch.arange(kv_len, device=q_positions.device)
         q = q_positions[:, None]
         masks = {}
@@ -222,7 +269,7 @@ class ModelAdapter:
             allowed = slots[None, :] <= q
             if w is not None:
                 allowed = allowed & (slots[None, :] > q - w)
-            masks[w] = self._to_attn_mask(allowed)
+            masks[w] = self._to_attn_mask(allowed, self.attn_implementation)
         return masks
 
     def candidate_masks(
@@ -230,7 +277,10 @@ class ModelAdapter:
     ) -> dict[int | None, Tensor]:
         """The DP layout (SPEC section 2): ``num`` queries, all at position ``target_pos``; query c
         attends to slots [0, target_pos - 1] (within the window) and to scratch slot
-        ``scratch_start + c`` (itself), nothing else. Key length = scratch_start + num."""
+        ``scratch_start + c`` (itself), nothing else. Key length = scratch_start + num.
+
+        The masks are for ``masked_attn_implementation``: run the layers inside
+        ``masked_attention()``."""
         kv_len = scratch_start + num
         slots = torch.arange(kv_len, device=self.device)
         own = scratch_start + torch.arange(num, device=self.device)
@@ -240,8 +290,34 @@ class ModelAdapter:
             if w is not None:
                 past = past & (slots > target_pos - w)
             allowed = past[None, :].expand(num, kv_len) | (slots[None, :] == own[:, None])
-            masks[w] = self._to_attn_mask(allowed)
+            masks[w] = self._to_attn_mask(allowed, self.masked_attn_implementation)
         return masks
+
+    @contextlib.contextmanager
+    def masked_attention(self):
+        """Within this block the decoder layers attend with ``masked_attn_implementation``, which
+        takes an arbitrary 4-D mask (``candidate_masks``).
+
+        For eager and sdpa that is the model's own implementation and nothing changes. Flash
+        attention has no mask argument: it only knows causal (bottom-right) + sliding window +
+        padding, and the DP's layout (candidates that see neither each other nor cache slot p,
+        the full model's own entry for the token they stand for) is none of these. So for the DP's
+        call only, the attention modules are switched to sdpa (same weights, same cache, same
+        math) by the field transformers dispatches on, ``config._attn_implementation``, which the
+        attention modules read on every call; it is restored on exit, also on error. The switch is
+        visible to anything else running this model concurrently (another thread), as any
+        ``set_attn_implementation`` would be."""
+        if self.masked_attn_implementation == self.attn_implementation:
+            yield
+            return
+        saved = [(cfg, cfg._attn_implementation) for cfg in self._attn_configs]
+        try:
+            for cfg, _ in saved:
+                cfg._attn_implementation = self.masked_attn_implementation
+            yield
+        finally:
+            for cfg, impl in saved:
+                cfg._attn_implementation = impl
 
     # ------------------------------------------------------------------ check
     @torch.no_grad()

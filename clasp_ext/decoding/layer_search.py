@@ -5,8 +5,10 @@ candidates g(i-1, 1..l) are l query positions of ONE call of that decoder layer,
 target token's position id p, each attending to cache slots [0, p-1] (within the layer's sliding
 window) and to its own scratch slot, nothing else. Their K/V go to scratch slots
 [scratch_start, scratch_start + l) past the committed length: they are never committed and are
-overwritten by the next draft. The cache is never copied. Selection and state update are the fused
-``clasp.skip_search_step`` op; the mask comes from ``clasp.skip_search_backtrack``.
+overwritten by the next draft. The cache is never copied. That call needs a custom mask, so with a
+flash-attention model it runs through sdpa (``ModelAdapter.masked_attention``). Selection and state
+update are the fused ``clasp.skip_search_step`` op; the mask comes from
+``clasp.skip_search_backtrack``.
 """
 
 from __future__ import annotations
@@ -62,9 +64,12 @@ def dp_skip_search(
         if num_keep > 0:
             pe = {k: (c[:, :num_keep], s[:, :num_keep]) for k, (c, s) in pos_emb.items()}
             mk = {w: m[..., :num_keep, : scratch_start + num_keep] for w, m in masks.items()}
-            computed = adapter.run_layer(
-                layer, prev[:, 1 : num_keep + 1], pos_ids[:, :num_keep], pe, mk, cache
-            )
+            # The candidate layout needs a custom mask that flash-attn cannot express: with a
+            # flash-attention model this one call runs through sdpa (adapter.masked_attention).
+            with adapter.masked_attention():
+                computed = adapter.run_layer(
+                    layer, prev[:, 1 : num_keep + 1], pos_ids[:, :num_keep], pe, mk, cache
+                )
         else:
             computed = prev[:, :0]
         target = target_hidden[:, layer + 1]
