@@ -47,10 +47,15 @@ def exact_marginals(model, prompt, V, proc):
 
 
 @pytest.mark.parametrize(
-    "family, temperature, top_k, top_p, sharpen, skip",
-    [("llama", 1.0, 0, 1.0, 4.0, [1, 2]), ("gemma3", 0.8, 6, 0.9, 1.0, [0, 1, 2])],
+    "family, temperature, top_k, top_p, sharpen, skip, draft_vocab",
+    [
+        ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 0),
+        ("gemma3", 0.8, 6, 0.9, 1.0, [0, 1, 2], 0),
+        # the draft scores ids 0..4 and the context's: q is zero on the rest of the vocabulary
+        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 5),
+    ],
 )
-def test_first_tokens_distribution(family, temperature, top_k, top_p, sharpen, skip):
+def test_first_tokens_distribution(family, temperature, top_k, top_p, sharpen, skip, draft_vocab):
     V = 8
     model = tiny_model(family, layers=4, vocab=V, seed=5)
     with torch.no_grad():  # target and draft distributions far enough apart to reject often
@@ -66,6 +71,7 @@ def test_first_tokens_distribution(family, temperature, top_k, top_p, sharpen, s
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        draft_vocab_size=draft_vocab,
     )
     dec.generator.manual_seed(1234)
     N = 1500

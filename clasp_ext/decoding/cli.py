@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-draft", type=int, default=None)
     g.add_argument("--draft-exit-threshold", type=float, default=None)
     g.add_argument("--update-interval", type=int, default=None)
+    g.add_argument(
+        "--draft-vocab-size", type=int, default=None, help="draft head vocabulary; 0 = full"
+    )
     g.add_argument("--skip-strategy", default=None, help="dp, static, importance, random or 0,3,5")
     g.add_argument("--seed", type=int, default=None)
     return p
@@ -62,6 +65,7 @@ def _config_overrides(args) -> dict:
         "max_draft",
         "draft_exit_threshold",
         "update_interval",
+        "draft_vocab_size",
         "seed",
     ):
         if getattr(args, name) is not None:

@@ -14,6 +14,8 @@ from clasp_ext.decoding.layer_search import STRATEGIES
 # acceptance 0.37-0.47. The end-to-end benchmark's sweeps are to settle it.
 DEFAULT_SKIP_RATIO = 0.25
 DEFAULT_MAX_NEW_TOKENS = 128
+# Draft head over the first 32,768 token ids plus the context's (see draft_head.py): provisional.
+DEFAULT_DRAFT_VOCAB_SIZE = 32768
 
 
 def _is_int(x) -> bool:
@@ -39,6 +41,7 @@ class ClaspConfig:
     max_draft: int = 8
     draft_exit_threshold: float = 0.3
     update_interval: int = 8
+    draft_vocab_size: int | None = None  # draft lm_head over the first N ids + context; 0 = all
     temperature: float | None = None  # 0 = greedy
     top_k: int | None = None  # 0 = off
     top_p: float | None = None  # 1.0 = off
@@ -75,6 +78,8 @@ class ClaspConfig:
         if c.max_new_tokens is None:
             m = getattr(gc, "max_new_tokens", None) if gc is not None else None
             c.max_new_tokens = int(m) if m is not None else DEFAULT_MAX_NEW_TOKENS
+        if c.draft_vocab_size is None:
+            c.draft_vocab_size = DEFAULT_DRAFT_VOCAB_SIZE
         if c.eos_token_id is None:
             e = getattr(gc, "eos_token_id", None) if gc is not None else None
             c.eos_token_id = [] if e is None else e
@@ -141,6 +146,12 @@ class ClaspConfig:
         need(
             _is_real(self.draft_exit_threshold) and 0.0 <= self.draft_exit_threshold <= 1.0,
             f"draft_exit_threshold must be in [0, 1], got {self.draft_exit_threshold!r}",
+        )
+        need(
+            self.draft_vocab_size is None
+            or (_is_int(self.draft_vocab_size) and self.draft_vocab_size >= 0),
+            f"draft_vocab_size must be an int >= 0 (0 = the full vocabulary), got "
+            f"{self.draft_vocab_size!r}",
         )
         need(
             _is_int(self.update_interval) and self.update_interval >= 1,

@@ -13,6 +13,7 @@ does not reproduce the model's own logits.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 from clasp_ext import ops
 from clasp_ext.decoding.adapter import ModelAdapter
 from clasp_ext.decoding.config import ClaspConfig
+from clasp_ext.decoding.draft_head import DraftHead
 from clasp_ext.decoding.kv_cache import ClaspKVCache
 from clasp_ext.decoding.layer_search import (
     dp_skip_search,
@@ -28,6 +30,9 @@ from clasp_ext.decoding.layer_search import (
     importance_skip_mask,
     random_skip_mask,
 )
+
+# model -> the (dtype, device, attention implementation) setups that passed ModelAdapter.self_check
+_SELF_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -124,16 +129,22 @@ class ClaspDecoder:
         self.callback = callback
         self.streamer = streamer
         self.device = self.adapter.device
+        self.draft_head = DraftHead(self.adapter, self.config.draft_vocab_size)
         self.cache: ClaspKVCache | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()  # no seed: one nondeterministic stream across prefills
         a = self.adapter
-        with torch.no_grad():
-            a.self_check(
-                lambda n: ClaspKVCache(
-                    a.num_layers, a.num_kv_heads, a.head_dim, n, a.dtype, a.device
+        # The check costs two short forwards: once per model and setup, not per generate() call
+        # (serving code and benchmarks build a decoder per request).
+        key = (a.dtype, a.device, a.attn_implementation)
+        if key not in _SELF_CHECKED.setdefault(model, set()):
+            with torch.no_grad():
+                a.self_check(
+                    lambda n: ClaspKVCache(
+                        a.num_layers, a.num_kv_heads, a.head_dim, n, a.dtype, a.device
+                    )
                 )
-            )
+            _SELF_CHECKED[model].add(key)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -186,7 +197,7 @@ class ClaspDecoder:
         for i in range(a.num_layers):
             if not self.skip[i]:
                 h = a.run_layer(i, h, p[None], pe, masks, self.cache)
-        return a.head(h)[:, -1]  # [1, V]
+        return self.draft_head.logits(h)[:, -1]  # [1, V] or [1, draft vocabulary]
 
     def _probs(self, logits: Tensor) -> Tensor:
         c = self.config
@@ -298,6 +309,7 @@ class ClaspDecoder:
         self._round_syncs = 0
         self.prompt_len = T
         self.tokens = ids[0].tolist()
+        self.draft_head.reset(self.tokens, c.eos_token_id)
         if self.streamer is not None:
             self.streamer.put(ids.cpu())
         self._prefilled = True
@@ -344,12 +356,13 @@ class ClaspDecoder:
         for j in range(k_max):
             logits = self._draft_forward(tok, n + j)
             if c.greedy:
-                nxt = logits.argmax(-1, keepdim=True)
+                nxt = self.draft_head.token_ids(logits.argmax(-1, keepdim=True))
                 top1 = logits.float().softmax(-1).amax(-1) if thr > 0 else None
             else:
                 q = self._probs(logits)
-                qs.append(q)
-                nxt = torch.multinomial(q, 1, generator=self.generator)
+                qs.append(self.draft_head.full_probs(q))
+                idx = torch.multinomial(q, 1, generator=self.generator)
+                nxt = self.draft_head.token_ids(idx)
                 top1 = q.amax(-1)
             drafts.append(nxt)
             tok = nxt
@@ -410,6 +423,7 @@ class ClaspDecoder:
 
     def _emit(self, toks: list[int]) -> list[int]:
         self.tokens.extend(toks)
+        self.draft_head.add(toks)
         self.stats.new_tokens += len(toks)
         if toks:
             if self.callback is not None:

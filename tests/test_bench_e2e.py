@@ -1,0 +1,98 @@
+"""The end-to-end benchmark's bookkeeping (bench/e2e_report.py, bench/bench_e2e.py's prompt
+sampling and method specs) on synthetic records: the numbers in the README come from here."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_e2e  # noqa: E402
+import e2e_methods  # noqa: E402
+import e2e_report  # noqa: E402
+
+
+def rec(qid, group, method, wall, tokens=10, rounds=None, drafted=None, accepted=None, eq=True):
+    r = dict(
+        prompt_key=str(qid),
+        group=group,
+        method=method,
+        wall_s=wall,
+        num_new_tokens=tokens,
+        equal_to_ar=eq,
+        divergence=None if eq else dict(near_tie=True, gap=0.0),
+        rounds=rounds,
+        drafted=drafted,
+        accepted=accepted,
+        round_tokens=None if rounds is None else tokens - 1,
+        dp_runs=None,
+        times={},
+    )
+    if rounds is not None:
+        r["dp_runs"] = 2
+        r["times"] = dict(prefill=0.1, draft=0.5 * wall, verify=0.3 * wall, dp=0.1, total=wall)
+    return r
+
+
+def test_summary_speedup_is_the_geometric_mean_of_per_prompt_ratios():
+    records = [
+        rec(1, "qa", "ar", 2.0),
+        rec(1, "qa", "clasp", 1.0, rounds=3, drafted=12, accepted=6),
+        rec(2, "rag", "ar", 3.0),
+        rec(2, "rag", "clasp", 4.0, rounds=3, drafted=9, accepted=6, eq=False),
+    ]
+    rows = e2e_report.summarize(records, ["ar", "clasp"], ["qa", "rag"])
+    cell = {(r["group"], r["method"]): r for r in rows}
+    assert cell[("qa", "clasp")]["speedup"] == pytest.approx(2.0)
+    assert cell[("rag", "clasp")]["speedup"] == pytest.approx(0.75)
+    overall = cell[("overall", "clasp")]
+    assert overall["speedup"] == pytest.approx(math.sqrt(2.0 * 0.75))
+    assert overall["speedup_min"] == pytest.approx(0.75)
+    assert overall["tokens_per_s"] == pytest.approx(20 / 5.0)
+    assert overall["tau"] == pytest.approx(18 / 6)  # round tokens over rounds, summed
+    assert overall["acceptance"] == pytest.approx(12 / 21)
+    assert overall["identical"] == 1 and overall["near_ties"] == 1
+    assert overall["draft_share"] == pytest.approx(0.5)
+    assert cell[("overall", "ar")]["speedup"] == pytest.approx(1.0)
+    text = e2e_report.markdown(rows, ["ar", "clasp"], ["qa", "rag"], "# t")
+    assert "| clasp | 1.22x |" in text
+    assert "| clasp | 2.00x (3.0) | 0.75x (3.0) | 1.22x (3.0) |" in text
+
+
+def test_prompt_sampling_spans_mt_bench_categories(tmp_path):
+    rows = [
+        dict(question_id=i, category=c, turns=[f"q{i}"])
+        for i, c in enumerate(["writing"] * 3 + ["coding"] * 3 + ["math"] * 3 + ["qa"] * 5)
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    got = bench_e2e.load_prompts(path, 3, seed=0)
+    mt = [p for p in got if p["group"] == "mt_bench"]
+    assert sorted(p["category"] for p in mt) == ["coding", "math", "writing"]
+    assert sum(p["group"] == "qa" for p in got) == 3
+    assert got == bench_e2e.load_prompts(path, 3, seed=0)  # fixed seed, same sample
+    assert len(bench_e2e.load_prompts(path, None, seed=0)) == len(rows)
+
+
+def test_method_specs():
+    label, fn, ov = e2e_methods.parse_method("clasp:num_skip_layers=10,draft_exit_threshold=0.6")
+    assert label == "clasp:num_skip_layers=10,draft_exit_threshold=0.6"
+    assert ov == dict(num_skip_layers=10, draft_exit_threshold=0.6)
+    assert e2e_methods.parse_method("clasp-static")[2] == dict(skip_strategy="static")
+    with pytest.raises(SystemExit, match="unknown method"):
+        e2e_methods.parse_method("medusa")
+    with pytest.raises(SystemExit, match="only clasp methods"):
+        e2e_methods.parse_method("pld:max_draft=3")
+    with pytest.raises(TypeError, match="unknown ClaspConfig field"):
+        e2e_methods.parse_method("clasp:nonsense=1")
+
+
+def test_first_difference():
+    assert bench_e2e.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert bench_e2e.first_difference([1, 5, 3], [1, 2, 3]) == 1
+    assert bench_e2e.first_difference([1, 2], [1, 2, 3]) == 2
