@@ -113,7 +113,7 @@ def test_defaults_from_generation_config(model):
     dec = ClaspDecoder(model)
     c = dec.config
     assert c.temperature == 0.0 and c.eos_token_id == [2]
-    assert c.num_skip_layers == 1  # default skip ratio 0.25 of 4 layers
+    assert c.num_skip_layers == 1  # default skip ratio 0.35 of 4 layers
     model.generation_config.do_sample = True
     model.generation_config.temperature = 0.7
     model.generation_config.top_k = 5

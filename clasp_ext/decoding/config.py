@@ -9,12 +9,19 @@ from dataclasses import dataclass
 
 from clasp_ext.decoding.layer_search import STRATEGIES
 
-# Provisional, from three Spec-Bench prompts on Qwen2.5-Coder-1.5B (bf16, CPU): skipping a quarter
-# of the layers gave tau 3.3-7.0 and acceptance 0.61-0.92 where half gave tau 1.9-3.0 and
-# acceptance 0.37-0.47. The end-to-end benchmark's sweeps are to settle it.
-DEFAULT_SKIP_RATIO = 0.25
+# Defaults chosen by the sweeps in bench/sweep_qwen.sh (Qwen2.5-Coder-1.5B-Instruct bf16, CPU, one
+# Spec-Bench prompt per category group; bench/results/sweep{1,2,3}-*): every knob was compared in
+# one process against model.generate. The exit threshold mattered most: 0.3 -> 0.6 lifted the
+# geometric-mean speedup from 0.58-0.70x to 0.97x (it stops drafts the model is unsure of, and
+# on general text most are); with it, skipping 10 of 28 layers (ratio 0.35) beat 5, 7, 12 and 14,
+# and 0.75 beat 0.6 and 0.9 at that M (1.08x vs 1.04x / 1.00x). max_draft 5 or 12 and
+# update_interval 1, 16 or 32 were no better than 8 and 8. The draft head over 32,768 ids (4.5 ms
+# instead of 24 ms per draft token) was faster than the full 151,936-entry head on 5 of 6 prompts
+# in stage 3 and 4 of 6 in stage 1, at the same acceptance within noise.
+DEFAULT_SKIP_RATIO = 0.35
+DEFAULT_DRAFT_EXIT_THRESHOLD = 0.75
 DEFAULT_MAX_NEW_TOKENS = 128
-# Draft head over the first 32,768 token ids plus the context's (see draft_head.py): provisional.
+# Draft head over the first 32,768 token ids plus the context's (see draft_head.py).
 DEFAULT_DRAFT_VOCAB_SIZE = 32768
 
 
@@ -37,9 +44,9 @@ class ClaspConfig:
     """
 
     num_skip_layers: int | None = None  # M; exclusive with skip_ratio
-    skip_ratio: float | None = None  # M = round(skip_ratio * L); default 0.25 when neither is set
+    skip_ratio: float | None = None  # M = round(skip_ratio * L); default 0.35 when neither is set
     max_draft: int = 8
-    draft_exit_threshold: float = 0.3
+    draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD
     update_interval: int = 8
     draft_vocab_size: int | None = None  # draft lm_head over the first N ids + context; 0 = all
     temperature: float | None = None  # 0 = greedy
