@@ -44,7 +44,17 @@ SHAPES = {
         vocab_size=128256,
         max_position_embeddings=8192,
         rope_theta=500000.0,
-    )
+    ),
+    # for the script's own test
+    "tiny-llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1024,
+    ),
 }
 
 

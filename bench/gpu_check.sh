@@ -96,6 +96,13 @@ bench() {
   "$PYTHON" bench/bench_ops.py --device cuda --out "$OUT/ops_cuda.json" --time-budget "$budget"
 }
 
+# Issue 4's GPU part: per-step costs of a LLaMA-3-8B-shaped model (random bf16 weights) and the
+# speedup they imply for the tau measured on the real models on CPU (a projection).
+step_costs() {
+  "$PYTHON" bench/bench_step_costs.py --random-shape llama3-8b --device cuda --context 512 \
+    --records bench/results/e2e-*/records.json --out "$OUT/steps"
+}
+
 # Named copies of the table for bench/results/ (e.g. ops_nvidia_h100_80gb_hbm3.md).
 copy_results() {
   [[ -f "$OUT/ops_cuda.json" ]] || { echo "no $OUT/ops_cuda.json: the bench wrote nothing"; return 1; }
@@ -110,7 +117,7 @@ print(re.sub(r"[^a-z0-9]+", "_", env["device_name"].lower()).strip("_"))' "$OUT/
 
 # The machine's Python may be marked externally managed (PEP 668); this is a throwaway machine.
 export PIP_BREAK_SYSTEM_PACKAGES=1
-export -f versions build_deps build bench copy_results
+export -f versions build_deps build bench step_costs copy_results
 export PYTHON OUT
 
 #    name          cap reserve (seconds kept for later steps)
@@ -119,8 +126,9 @@ step build_deps 60 380 build_deps
 step build 240 200 build
 step info 30 180 "$PYTHON" -m clasp_ext.info
 step tests 150 130 "$PYTHON" -m pytest tests -q -x -k "not slow"
-step bench 600 10 bench
-step copy_results 10 0 copy_results
+step bench 600 100 bench
+step copy_results 10 90 copy_results
+step step_costs 90 0 step_costs
 
 echo "total $((SECONDS - START))s, $FAILED step(s) not ok" | tee -a "$SUMMARY"
 cat "$SUMMARY"

@@ -96,3 +96,31 @@ def test_first_difference():
     assert bench_e2e.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert bench_e2e.first_difference([1, 5, 3], [1, 2, 3]) == 1
     assert bench_e2e.first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_step_costs_script_runs_and_projects(tmp_path):
+    import bench_step_costs
+
+    records = dict(
+        summary=[dict(group="overall", method="clasp", tau=3.0, speedup=1.1)],
+        records=[dict(method="clasp", rounds=4, drafted=10, dp_runs=1)],
+    )
+    rec_path = tmp_path / "e2e" / "records.json"
+    rec_path.parent.mkdir()
+    rec_path.write_text(json.dumps(records))
+    out = tmp_path / "steps"
+    argv = ["--random-shape", "tiny-llama", "--dtype", "float32", "--context", "16"]
+    argv += ["--repeats", "3", "--threads", "1", "--records", str(rec_path), "--out", str(out)]
+    bench_step_costs.main(argv)
+    data = json.loads((out / "step_costs.json").read_text())
+    costs = data["costs"]
+    assert set(costs["draft"]) == {"0", "2", "3", "4"}  # 0, 25%, 37.5%, 50% of 8 layers
+    assert set(costs["dp"]) == {"2", "3", "4"}
+    assert all(t > 0 for t in costs["verify"].values())
+    (p,) = data["projections"]
+    assert p["drafted_per_round"] == pytest.approx(2.5) and p["dp_runs_per_round"] == 0.25
+    k_draft = costs["draft"]["2"]
+    verify = costs["verify"]["5"]  # the shortest measured verify of at least k + 1 = 3.5 tokens
+    want = 3.0 * costs["ar"]["hf_step_s"] / (2.5 * k_draft + verify + 0.25 * costs["dp"]["2"])
+    assert p["projected_speedup"] == pytest.approx(want)
+    assert "Projected speedup" in (out / "step_costs.md").read_text()

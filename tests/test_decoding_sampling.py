@@ -47,20 +47,28 @@ def exact_marginals(model, prompt, V, proc):
 
 
 @pytest.mark.parametrize(
-    "family, temperature, top_k, top_p, sharpen, skip, draft_vocab",
+    "family, temperature, top_k, top_p, sharpen, skip, draft_vocab, lookup",
     [
-        ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 0),
-        ("gemma3", 0.8, 6, 0.9, 1.0, [0, 1, 2], 0),
+        ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 0, 0),
+        ("gemma3", 0.8, 6, 0.9, 1.0, [0, 1, 2], 0, 0),
         # the draft scores ids 0..4 and the context's: q is zero on the rest of the vocabulary
-        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 5),
+        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 5, 0),
+        # context lookup drafts first (a point-mass q) wherever the last token occurred before
+        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 0, 2),
     ],
 )
-def test_first_tokens_distribution(family, temperature, top_k, top_p, sharpen, skip, draft_vocab):
+def test_first_tokens_distribution(
+    family, temperature, top_k, top_p, sharpen, skip, draft_vocab, lookup
+):
     V = 8
     model = tiny_model(family, layers=4, vocab=V, seed=5)
     with torch.no_grad():  # target and draft distributions far enough apart to reject often
         model.lm_head.weight.mul_(sharpen)
-    prompt = torch.tensor([[3, 1, 4]])
+    # with lookup, the prompt holds "1 v" for almost every v and ends in 1, so after most first
+    # tokens v the bigram [1, v] matches and the round proposes the point mass on 1
+    prompt = torch.tensor(
+        [[1, 0, 1, 2, 1, 3, 1, 4, 1, 5, 1, 6, 1, 7, 1]] if lookup else [[3, 1, 4]]
+    )
     dec = ClaspDecoder(
         model,
         skip_strategy=skip,  # a fixed, genuinely different draft model
@@ -72,23 +80,26 @@ def test_first_tokens_distribution(family, temperature, top_k, top_p, sharpen, s
         top_k=top_k,
         top_p=top_p,
         draft_vocab_size=draft_vocab,
+        lookup_ngram=lookup,
     )
     dec.generator.manual_seed(1234)
     N = 1500
     counts = torch.zeros(3, V, dtype=torch.long)
-    drafted = accepted = 0
+    drafted = accepted = lookups = 0
     for _ in range(N):
         dec.prefill(prompt)
         while not dec.finished:
             dec.step()
-        new = dec.tokens[3:]
+        new = dec.tokens[prompt.shape[1] :]
         assert len(new) == 3
         for i, t in enumerate(new):
             counts[i, t] += 1
         drafted += dec.stats.drafted
         accepted += dec.stats.accepted
+        lookups += dec.stats.lookup_rounds
     # both acceptances and rejections were exercised, many times
-    assert 0.2 * drafted < accepted < 0.9 * drafted, (accepted, drafted)
+    assert min(accepted, drafted - accepted) > max(50, 0.1 * drafted), (accepted, drafted)
+    assert (lookups > N // 2) if lookup else lookups == 0, lookups
 
     def proc(logits):
         return process_logits(logits, temperature, top_k, top_p)

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--draft-vocab-size", type=int, default=None, help="draft head vocabulary; 0 = full"
     )
+    g.add_argument(
+        "--lookup-ngram", type=int, default=None, help="draft by context lookup first; 0 = off"
+    )
     g.add_argument("--skip-strategy", default=None, help="dp, static, importance, random or 0,3,5")
     g.add_argument("--seed", type=int, default=None)
     return p
@@ -66,6 +69,7 @@ def _config_overrides(args) -> dict:
         "draft_exit_threshold",
         "update_interval",
         "draft_vocab_size",
+        "lookup_ngram",
         "seed",
     ):
         if getattr(args, name) is not None:

@@ -49,6 +49,7 @@ class ClaspConfig:
     draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD
     update_interval: int = 8
     draft_vocab_size: int | None = None  # draft lm_head over the first N ids + context; 0 = all
+    lookup_ngram: int = 0  # draft by context lookup of the last <= N tokens first; 0 = off
     temperature: float | None = None  # 0 = greedy
     top_k: int | None = None  # 0 = off
     top_p: float | None = None  # 1.0 = off
@@ -159,6 +160,10 @@ class ClaspConfig:
             or (_is_int(self.draft_vocab_size) and self.draft_vocab_size >= 0),
             f"draft_vocab_size must be an int >= 0 (0 = the full vocabulary), got "
             f"{self.draft_vocab_size!r}",
+        )
+        need(
+            _is_int(self.lookup_ngram) and (self.lookup_ngram == 0 or self.lookup_ngram >= 2),
+            f"lookup_ngram must be 0 (off) or an int >= 2, got {self.lookup_ngram!r}",
         )
         need(
             _is_int(self.update_interval) and self.update_interval >= 1,

@@ -30,6 +30,7 @@ from clasp_ext.decoding.layer_search import (
     importance_skip_mask,
     random_skip_mask,
 )
+from clasp_ext.decoding.lookup import lookup_continuation
 
 # model -> the (dtype, device, attention implementation) setups that passed ModelAdapter.self_check
 _SELF_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -43,6 +44,7 @@ class ClaspStats:
     new_tokens: int = 0
     round_tokens: int = 0  # tokens emitted by verify rounds (excludes the prefill token)
     dp_runs: int = 0
+    lookup_rounds: int = 0  # rounds whose draft came from context lookup (no draft forward)
     skip_layers: list = field(default_factory=list)
     importance: list = field(default_factory=list)  # per layer, at the last DP target
     host_syncs: int = 0  # all device->host reads (prefill included)
@@ -353,6 +355,17 @@ class ClaspDecoder:
         drafts: list[Tensor] = []
         qs: list[Tensor] = []
         tok = self._t0_dev
+        looked_up = []
+        if c.lookup_ngram:
+            looked_up = lookup_continuation(self.tokens, c.lookup_ngram, k_max)
+        if looked_up:  # a free draft: no forward pass (lookup.py)
+            d = torch.tensor([looked_up], dtype=torch.long, device=self.device)
+            drafts = list(d.split(1, dim=1))
+            if not c.greedy:  # the proposal is a point mass
+                q_all = torch.nn.functional.one_hot(d, self.adapter.vocab_size).float()
+                qs = [q_all[:, i] for i in range(d.shape[1])]
+            self.stats.lookup_rounds += 1
+            k_max = 0
         for j in range(k_max):
             logits = self._draft_forward(tok, n + j)
             if c.greedy:

@@ -1,0 +1,61 @@
+"""Context-lookup drafts (clasp_ext/decoding/lookup.py): the matching rule, and lossless greedy
+output when rounds use them. Their sampling exactness is in test_decoding_sampling.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoding_models import FAMILIES, tiny_model
+from test_decoding_greedy import assert_lossless, hf_greedy
+
+from clasp_ext.decoding import ClaspDecoder, generate
+from clasp_ext.decoding.lookup import lookup_continuation
+
+torch.set_num_threads(1)
+
+
+def test_lookup_rule():
+    toks = [5, 6, 7, 8, 9, 1, 6, 7]
+    assert lookup_continuation(toks, 2, 3) == [8, 9, 1]  # [6, 7] occurred at 1..2
+    assert lookup_continuation(toks, 2, 1) == [8]  # capped
+    assert lookup_continuation(toks, 2, 0) == []
+    # the longest n-gram wins over a more recent shorter one
+    toks = [1, 2, 3, 9, 3, 4, 2, 3]
+    assert lookup_continuation(toks, 2, 2) == [9, 3]  # [2, 3] at 1..2, not [3] at 4
+    assert lookup_continuation(toks, 1, 2) == []  # single-token matches are not used
+    toks = [1, 2, 3, 1, 2, 4, 1, 2]
+    assert lookup_continuation(toks, 2, 2) == [4, 1]  # the most recent earlier occurrence
+    assert lookup_continuation([1, 2, 3], 3, 4) == []  # nothing repeats
+    assert lookup_continuation([4], 2, 4) == []
+    assert lookup_continuation([1, 1, 1, 1], 3, 4) == [1]  # overlapping occurrence
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_greedy_lossless_with_lookup_drafts(family):
+    model = tiny_model(family, layers=6, window=8, seed=13)
+    gen = torch.Generator().manual_seed(7)
+    seg = torch.randint(3, 256, (1, 6), generator=gen)
+    ids = torch.cat([seg, torch.randint(3, 256, (1, 3), generator=gen), seg[:, :3]], 1)
+    want = hf_greedy(model, ids, 30)
+    out = generate(
+        model,
+        ids,
+        num_skip_layers=2,
+        max_draft=5,
+        draft_exit_threshold=0.0,
+        max_new_tokens=30,
+        eos_token_id=[],
+        lookup_ngram=3,
+    )
+    assert_lossless(model, out.sequences[0].tolist(), want, ids.shape[1])
+    s = out.stats
+    assert s.lookup_rounds >= 1  # the prompt's repeated segment matched at the first round
+    assert s.round_tokens == s.accepted + s.rounds
+
+
+def test_lookup_ngram_is_validated():
+    model = tiny_model("llama", layers=2)
+    for bad in (-1, 1, 2.0):
+        with pytest.raises(ValueError, match="lookup_ngram must be 0"):
+            ClaspDecoder(model, lookup_ngram=bad)
