@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end benchmark runs whose results are in bench/results/ and README (issue 4):
 #
-#   bash bench/e2e.sh [qwen-bf16|gemma-fp32|gemma-bf16 ...]   (default: all three)
+#   bash bench/e2e.sh [qwen-bf16|gemma-fp32|gemma-bf16|qwen-bf16-lookup ...]   (default: all)
 #
 # Each run: two prompts per category group of ../shared/data/spec_bench_dev.jsonl (seed 0),
 # 96 new tokens, greedy, all methods interleaved per prompt in one process, threads pinned to the
@@ -12,15 +12,18 @@ source "$(dirname "$0")/../tests/env.sh"
 methods=(ar clasp clasp-static clasp-importance clasp-random clasp-nodraft pld early-exit)
 run() {
   local model="$1" dtype="$2" tag="$3"
-  step "end-to-end: $model $dtype"
+  shift 3
+  step "end-to-end: $model $dtype $tag"
   "$py" bench/bench_e2e.py --model "$model" --dtype "$dtype" --per-category 2 --seed 0 \
-    --max-new-tokens 96 --methods "${methods[@]}" --out "bench/results/e2e-$model-$tag"
+    --max-new-tokens 96 --methods "${@:-${methods[@]}}" --out "bench/results/e2e-$model-$tag"
 }
-for what in ${@:-qwen-bf16 gemma-fp32 gemma-bf16}; do
+for what in ${@:-qwen-bf16 gemma-fp32 gemma-bf16 qwen-bf16-lookup}; do
   case "$what" in
     qwen-bf16) run qwen2.5-coder-1.5b bfloat16 bf16 ;;
     gemma-fp32) run gemma-3-270m float32 fp32 ;;
     gemma-bf16) run gemma-3-270m bfloat16 bf16 ;;
+    # the same prompts: context-lookup drafts first (lookup_ngram), against prompt lookup alone
+    qwen-bf16-lookup) run qwen2.5-coder-1.5b bfloat16 bf16-lookup ar clasp clasp:lookup_ngram=3 pld ;;
     *) echo "bench/e2e.sh: unknown run '$what' (qwen-bf16, gemma-fp32, gemma-bf16)" >&2; exit 2 ;;
   esac
 done

@@ -106,6 +106,7 @@ def test_draft_writes_only_layers_it_runs():
         draft_exit_threshold=0.0,
         max_new_tokens=20,
         eos_token_id=[],
+        lookup_ngram=0,  # every round drafts with the layers (a lookup round writes nothing)
     )
     dec.prefill(ids)
     while not dec.finished:

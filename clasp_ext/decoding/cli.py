@@ -130,7 +130,7 @@ def main(argv=None, out=None) -> int:
     out.write(
         f"\n[clasp] {new} tokens in {t_clasp:.2f} s ({new / max(t_clasp, 1e-9):.1f} tok/s); "
         f"rounds {s.rounds}, tau {s.tau:.2f} tokens/round, acceptance {s.acceptance_rate:.2f}, "
-        f"DP runs {s.dp_runs}, skip {s.skip_layers}\n"
+        f"DP runs {s.dp_runs}, lookup rounds {s.lookup_rounds}, skip {s.skip_layers}\n"
         f"[clasp] time: prefill {s.time_prefill:.2f} s, draft {s.time_draft:.2f} s, verify "
         f"{s.time_verify:.2f} s, DP {s.time_dp:.2f} s, other {s.time_other:.2f} s; host syncs "
         f"per round {s.host_syncs_per_round:.2f}\n"
