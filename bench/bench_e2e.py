@@ -38,6 +38,7 @@ import e2e_report  # noqa: E402
 import transformers  # noqa: E402
 
 from clasp_ext import models  # noqa: E402
+from clasp_ext.decoding.adapter import ModelAdapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "spec_bench_dev.jsonl"
@@ -205,7 +206,8 @@ def main(argv=None):
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else None)
     default_clasp = next((o for label, _, o in methods if label == "clasp"), {})
-    exit_layer = e2e_methods.early_exit_layer(model, default_clasp)
+    num_layers = ModelAdapter(model).num_layers
+    exit_layer = e2e_methods.early_exit_layer(num_layers, default_clasp)
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(
@@ -218,7 +220,7 @@ def main(argv=None):
         max_new_tokens=args.max_new_tokens,
         methods=labels,
         early_exit_layer=exit_layer,
-        num_layers=e2e_methods.ModelAdapter(model).num_layers,
+        num_layers=num_layers,
         prompts=len(prompts),
         per_category=args.per_category,
         seed=args.seed,

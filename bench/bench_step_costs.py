@@ -152,8 +152,8 @@ def project(costs: dict, records_path: Path, skip_count: int) -> list[dict]:
         dp_per_round = sum(x["dp_runs"] for x in recs) / rounds
         # verify of k + 1 tokens: the nearest measured length at or above it
         vt = next((verify[t] for t in sorted(verify) if t >= k + 1), verify[max(verify)])
-        draft = costs["draft"].get(skip_count, costs["draft"].get(str(skip_count)))
-        dp = costs["dp"].get(skip_count, costs["dp"].get(str(skip_count), 0.0))
+        draft = costs["draft"][skip_count]
+        dp = costs["dp"].get(skip_count, 0.0)  # no DP run measured for M = 0
         round_s = k * draft + vt + dp_per_round * dp
         rows.append(
             dict(

@@ -16,7 +16,6 @@ from transformers import GenerationConfig
 from transformers.generation import candidate_generator as hf_candidates
 
 import clasp_ext
-from clasp_ext.decoding.adapter import ModelAdapter
 
 
 @dataclass
@@ -207,11 +206,10 @@ def parse_method(spec: str):
     return spec, fn, overrides
 
 
-def early_exit_layer(model, clasp_overrides: dict) -> int:
+def early_exit_layer(num_layers: int, clasp_overrides: dict) -> int:
     """The exit layer whose draft runs as many layers as the default CLaSp draft: L - M."""
-    L = ModelAdapter(model).num_layers
-    cfg = clasp_ext.ClaspConfig().replace(**clasp_overrides).resolved(L)
-    return L - cfg.num_skip_layers
+    cfg = clasp_ext.ClaspConfig().replace(**clasp_overrides).resolved(num_layers)
+    return num_layers - cfg.num_skip_layers
 
 
 def run_method(fn, overrides, model, ids, ctx) -> MethodResult:

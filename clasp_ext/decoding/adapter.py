@@ -233,11 +233,14 @@ class ModelAdapter:
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.norm(hidden)
 
-    def logits_from_normed(self, normed: Tensor) -> Tensor:
-        logits = self.lm_head(normed)
+    def softcap(self, logits: Tensor) -> Tensor:
+        """The model's final logit softcapping (Gemma), or the logits unchanged."""
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
+
+    def logits_from_normed(self, normed: Tensor) -> Tensor:
+        return self.softcap(self.lm_head(normed))
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.logits_from_normed(self.final_norm(hidden))

@@ -29,7 +29,7 @@ class DraftHead:
         self.vocab_size = self.weight.shape[0]
         # 0, or a subset as large as the vocabulary: the full head, no index map
         self.enabled = 0 < size < self.vocab_size
-        self.size = min(size, self.vocab_size) if self.enabled else self.vocab_size
+        self.size = size if self.enabled else self.vocab_size
         self._extra: list[int] = []
         self._extra_set: set[int] = set()
         self.ids: Tensor | None = None
@@ -74,9 +74,7 @@ class DraftHead:
         x = F.linear(normed, self.weight[: self.size], b)  # a view of the first rows: no copy
         if self._extra:
             x = torch.cat([x, F.linear(normed, self._w_extra, self._b_extra)], dim=-1)
-        if a.final_softcap is not None:
-            x = torch.tanh(x / a.final_softcap) * a.final_softcap
-        return x
+        return a.softcap(x)
 
     def token_ids(self, index: Tensor) -> Tensor:
         """Subset positions -> vocabulary ids (on the device; no host sync)."""

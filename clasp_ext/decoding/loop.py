@@ -355,9 +355,7 @@ class ClaspDecoder:
         drafts: list[Tensor] = []
         qs: list[Tensor] = []
         tok = self._t0_dev
-        looked_up = []
-        if c.lookup_ngram:
-            looked_up = lookup_continuation(self.tokens, c.lookup_ngram, k_max)
+        looked_up = lookup_continuation(self.tokens, c.lookup_ngram, k_max)  # [] when off
         if looked_up:  # a free draft: no forward pass (lookup.py)
             d = torch.tensor([looked_up], dtype=torch.long, device=self.device)
             drafts = list(d.split(1, dim=1))
@@ -365,8 +363,7 @@ class ClaspDecoder:
                 q_all = torch.nn.functional.one_hot(d, self.adapter.vocab_size).float()
                 qs = [q_all[:, i] for i in range(d.shape[1])]
             self.stats.lookup_rounds += 1
-            k_max = 0
-        for j in range(k_max):
+        for j in range(0 if looked_up else k_max):
             logits = self._draft_forward(tok, n + j)
             if c.greedy:
                 nxt = self.draft_head.token_ids(logits.argmax(-1, keepdim=True))
