@@ -125,7 +125,9 @@ setup(
     description="CLaSp: lossless self-speculative decoding by in-context layer skip (PyTorch ops)",
     packages=find_packages(include=["clasp_ext", "clasp_ext.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "transformers>=4.56"],
+    # transformers: the releases tests/transformers_matrix.sh and tests/run.sh test (4.56.2, 5.0.0,
+    # 5.17.0, 5.24.0); the adapter reads calling conventions off the model, not version strings.
+    install_requires=["torch>=2.4", "transformers>=4.56.2,<5.25"],
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

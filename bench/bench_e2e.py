@@ -37,7 +37,7 @@ import e2e_methods  # noqa: E402
 import e2e_report  # noqa: E402
 import transformers  # noqa: E402
 
-from clasp_ext import models  # noqa: E402
+from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding.adapter import ModelAdapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # clasp_ext from this checkout
 
-from clasp_ext import models  # noqa: E402
+from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding import ClaspDecoder  # noqa: E402
 from clasp_ext.decoding.layer_search import dp_skip_search  # noqa: E402
 

@@ -1,8 +1,8 @@
-"""``python -m clasp_ext generate ...`` (see clasp_ext.decoding.cli)."""
+"""``python -m clasp_ext generate ...`` (see clasp_ext.cli.generate)."""
 
 import sys
 
-from clasp_ext.decoding.cli import main
+from clasp_ext.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

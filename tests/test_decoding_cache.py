@@ -7,7 +7,7 @@ import pytest
 import torch
 from decoding_models import FAMILIES, tiny_model
 
-from clasp_ext.decoding import ClaspDecoder, ClaspKVCache, ModelAdapter
+from clasp_ext.decoding import ClaspDecoder, ModelAdapter
 
 torch.set_num_threads(1)
 
@@ -68,16 +68,10 @@ def test_verify_pass_equals_model_forward(family, attn):
     T = 23
     ids = torch.randint(3, 256, (1, T), generator=torch.Generator().manual_seed(2))
     want = model(ids).logits
-    cache = ClaspKVCache(a.num_layers, a.num_kv_heads, a.head_dim, T + 3, a.dtype, "cpu")
+    cache = a.new_cache(T + 3)
     got = []
     for start, end in [(0, 7), (7, 8), (8, 13), (13, 23)]:
-        pos = torch.arange(start, end)
-        h = a.embed(ids[:, start:end])
-        pe = a.position_embeddings(h, pos[None])
-        masks = a.causal_masks(pos, end)
-        cache.set_write(start)
-        for i in range(a.num_layers):
-            h = a.run_layer(i, h, pos[None], pe, masks, cache)
+        h, _ = a.forward(ids[:, start:end], start, cache)
         got.append(a.head(h))
     torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
 
@@ -89,9 +83,7 @@ def test_gemma3_softcapping_applied():
     with torch.no_grad():
         logits = model(torch.tensor([[5, 6, 7, 8, 9]])).logits
         assert logits.abs().max() <= 0.5
-        diff = a.self_check(
-            lambda n: ClaspKVCache(a.num_layers, a.num_kv_heads, a.head_dim, n, a.dtype, "cpu")
-        )
+        diff = a.self_check()
     assert diff < 1e-6
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from decoding_models import tiny_model
 
-from clasp_ext.decoding import cli
-from clasp_ext.decoding.cli import main
+from clasp_ext.cli import generate as cli
+from clasp_ext.cli.generate import main
 
 torch.set_num_threads(1)
 

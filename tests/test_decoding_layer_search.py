@@ -8,7 +8,6 @@ from decoding_models import FAMILIES, tiny_model
 
 from clasp_ext import reference
 from clasp_ext.decoding.adapter import ModelAdapter
-from clasp_ext.decoding.kv_cache import ClaspKVCache
 from clasp_ext.decoding.layer_search import dp_skip_search, importance_skip_mask
 
 torch.set_num_threads(1)
@@ -16,20 +15,9 @@ torch.set_num_threads(1)
 
 def _full_pass(adapter, ids, capacity):
     """Full forward over ids writing the cache; returns the cache and h_0..h_L [1, T, d] each."""
-    T = ids.shape[1]
-    cache = ClaspKVCache(
-        adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, capacity, adapter.dtype, "cpu"
-    )
-    pos = torch.arange(T)
-    h = adapter.embed(ids)
-    pe = adapter.position_embeddings(h, pos[None])
-    masks = adapter.causal_masks(pos, T)
-    cache.set_write(0)
-    hs = [h]
-    for i in range(adapter.num_layers):
-        h = adapter.run_layer(i, h, pos[None], pe, masks, cache)
-        hs.append(h)
-    cache.rollback(T)
+    cache = adapter.new_cache(capacity)
+    _, hs = adapter.forward(ids, 0, cache, keep_hidden="all")
+    cache.rollback(ids.shape[1])
     return cache, hs
 
 
@@ -45,11 +33,9 @@ def _sequential_dp(adapter, cache, target_hidden, p, M):
     for layer in range(L):
         outs = []
         for j in range(1, min(layer, M) + 1):
-            own = ClaspKVCache(
-                L, adapter.num_kv_heads, adapter.head_dim, p + 1, adapter.dtype, "cpu"
-            )
-            own.keys[layer][:, :, :p] = cache.keys[layer][:, :, :p]
-            own.values[layer][:, :, :p] = cache.values[layer][:, :, :p]
+            own = adapter.new_cache(p + 1)
+            own.keys[layer] = cache.keys[layer][:, :, : p + 1].clone()
+            own.values[layer] = cache.values[layer][:, :, : p + 1].clone()
             own.set_write(p)
             x = prev[:, j : j + 1]
             pos = torch.tensor([p])

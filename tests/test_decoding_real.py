@@ -1,4 +1,4 @@
-"""Real Gemma 3 270M (fetched and converted by clasp_ext.models on first use): greedy CLaSp
+"""Real Gemma 3 270M (fetched and converted by clasp_ext.cli.models on first use): greedy CLaSp
 equals model.generate on a few prompts. Slow: not in CI (select with -m slow)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ PROMPTS = [
 @pytest.mark.slow
 @torch.no_grad()
 def test_gemma3_270m_greedy_equals_generate():
-    models = pytest.importorskip("clasp_ext.models")
+    models = pytest.importorskip("clasp_ext.cli.models")
     torch.set_num_threads(2)
     model, tok = models.load("gemma-3-270m", dtype=torch.float32)
     for prompt in PROMPTS:

@@ -1,16 +1,27 @@
 """Drives a Hugging Face decoder-only causal LM layer by layer.
 
 This is the only module that knows transformers internals (attribute names, the decoder-layer
-calling convention, rotary modules, per-layer attention types, final logit softcapping). When a
-transformers release changes them, this file is the one to fix.
+calling convention, rotary modules, per-layer attention types, embedding and logit scalings).
+Nothing here reads a version string: what differs between transformers releases and families is
+read off the model itself.
 
-Supported: any ``*ForCausalLM`` whose base model exposes ``embed_tokens``, a ``layers`` ModuleList
-of decoder layers called as ``layer(hidden_states=, attention_mask=, position_ids=,
-position_embeddings=, cache=, use_cache=)`` whose attention writes through ``cache.update(key,
-value, layer_idx, ...)``, a final ``norm`` and a ``rotary_emb`` (tested: Llama, Qwen2, Mistral,
-Gemma 3). Lossless-ness does not rest on this file knowing every quirk of a family:
-``ModelAdapter.self_check`` compares the adapter's logits with the model's own forward and refuses
-a model where they differ.
+- Parts: the embedding (``embed_tokens``, ``word_embeddings``, ``wte``, ``embed_in``), the layer
+  list (``layers``, ``h``), the final norm (``norm``, ``final_layernorm``, ``ln_f``, ...), the
+  rotary module(s) and the output embedding (``get_output_embeddings()``).
+- The calling convention (``LayerConvention``), from the decoder layer's ``forward`` signature: the
+  cache keyword (``cache=`` from transformers 5.24, ``past_key_values=`` before, ``layer_past=`` in
+  Falcon/GPT-NeoX), whether it takes ``cache_position``, and how rotary embeddings are passed
+  (``position_embeddings``, or Gemma 3's ``position_embeddings_global/_local`` of 4.x).
+- Scalings: Granite's ``embedding_multiplier`` / ``logits_scaling``, Cohere's ``logit_scale``,
+  Gemma's final logit softcapping, and an embedding scale the base model applies in its forward
+  (Gemma 1/2 before transformers 5 multiply by sqrt(hidden_size) there), measured by the
+  self-check.
+
+Lossless-ness does not rest on this file knowing every quirk of a family: ``self_check`` (run once
+per model and setup) prefills through the cache in three chunks, compares every position's logits
+with the model's own forward, asserts every layer wrote its K/V through the cache, and checks the
+DP's candidate layout against single-token calls; anything that differs or fails refuses the
+model with ``UnsupportedModelError`` up front, never a crash or a wrong token inside the loop.
 
 Attention implementations: ``eager`` and ``sdpa`` get explicit 4-D masks. The flash-attention family
 (``flash_attention_2/3/4`` and hub flash kernels: whatever transformers' own
@@ -26,16 +37,35 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from clasp_ext.decoding.kv_cache import ClaspKVCache
+
 SUPPORTED_ATTN = ("eager", "sdpa")  # plus the flash-attention family, see _is_flash_attention
+
+# Names a part goes by across families (first match wins).
+BASE_NAMES = ("model", "transformer", "gpt_neox", "language_model")
+EMBED_NAMES = ("embed_tokens", "word_embeddings", "wte", "embed_in")
+LAYERS_NAMES = ("layers", "h")
+NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "norm_f")
+ATTN_NAMES = ("self_attn", "self_attention", "attention", "attn")
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Learned absolute position embeddings added by the base model's forward (GPT-2, OPT, ...).
+ABSOLUTE_POSITION_NAMES = ("wpe", "embed_positions", "position_embeddings")
 
 try:  # the test transformers itself uses to route a model to its flash-attention path
     from transformers.utils.generic import is_flash_attention_requested as _hf_is_flash
 except ImportError:  # older transformers: the same test, by name
     _hf_is_flash = None
+
+# model -> {(dtype, device, attention implementation): embedding scale} for setups that passed
+# the self-check (it costs a few short forwards: once per model and setup, not per request).
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _is_flash_attention(attn_implementation: str) -> bool:
@@ -48,28 +78,74 @@ class UnsupportedModelError(ValueError):
     """The model cannot be driven layer by layer by clasp_ext."""
 
 
+def _attr(module: nn.Module, names: tuple[str, ...]):
+    for name in names:
+        value = getattr(module, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 def _find_base(model: nn.Module) -> nn.Module:
-    for name in ("model", "transformer", "language_model"):
+    def has_parts(m) -> bool:
+        return isinstance(m, nn.Module) and _attr(m, LAYERS_NAMES) is not None
+
+    for name in BASE_NAMES:
         base = getattr(model, name, None)
-        if isinstance(base, nn.Module) and hasattr(base, "layers"):
+        if has_parts(base) and _attr(base, EMBED_NAMES) is not None:
             return base
-        # multimodal wrappers: model.model.language_model
         inner = getattr(base, "language_model", None) if base is not None else None
-        if isinstance(inner, nn.Module) and hasattr(inner, "layers"):
+        if has_parts(inner):  # multimodal wrappers: model.model.language_model
             return inner
-    if hasattr(model, "layers") and hasattr(model, "embed_tokens"):
+    if has_parts(model) and _attr(model, EMBED_NAMES) is not None:
         return model
     raise UnsupportedModelError(
         f"clasp_ext: {type(model).__name__} has no decoder-layer list (looked for "
-        "model.model.layers / model.transformer.layers / model.language_model.layers); "
-        "only decoder-only causal LMs with a list of decoder layers are supported"
+        f"model.{{{','.join(BASE_NAMES)}}}.{{{','.join(LAYERS_NAMES)}}}); only decoder-only causal "
+        "LMs with a list of decoder layers are supported"
     )
 
 
-class ModelAdapter:
-    """Layer-by-layer access to a decoder-only causal LM (batch 1 in the decoder, any B here)."""
+@dataclass(frozen=True)
+class LayerConvention:
+    """How this transformers release and family call a decoder layer, read off its signature."""
 
-    def __init__(self, model: nn.Module):
+    cache_keyword: str
+    takes_cache_position: bool
+    # ("position_embeddings",), ("position_embeddings_global", "position_embeddings_local") or ()
+    rotary_keywords: tuple[str, ...]
+    constant_kwargs: tuple[tuple[str, object], ...]  # use_cache=True, output_attentions=False, ...
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LayerConvention:
+        params = inspect.signature(type(layer).forward).parameters
+        name = type(layer).__name__
+        cache_kw = next((k for k in CACHE_KEYWORDS if k in params), None)
+        if cache_kw is None:
+            raise UnsupportedModelError(
+                f"clasp_ext: {name}.forward takes none of the cache keywords "
+                f"{', '.join(CACHE_KEYWORDS)}; cannot hand it the shared KV cache"
+            )
+        if "attention_mask" not in params:
+            raise UnsupportedModelError(f"clasp_ext: {name}.forward takes no attention_mask=")
+        if "position_embeddings" in params:
+            rotary = ("position_embeddings",)
+        elif "position_embeddings_global" in params and "position_embeddings_local" in params:
+            rotary = ("position_embeddings_global", "position_embeddings_local")
+        else:
+            rotary = ()  # the layer computes its rotary embedding from position_ids itself
+        constants = [("use_cache", True), ("output_attentions", False), ("alibi", None)]
+        constants = tuple((k, v) for k, v in constants if k in params)
+        return cls(cache_kw, "cache_position" in params, rotary, constants)
+
+
+class ModelAdapter:
+    """Layer-by-layer access to a decoder-only causal LM (batch 1 in the decoder, any B here).
+
+    Construction validates the model and, with ``check=True`` (the default), runs the self-check
+    once per model and setup."""
+
+    def __init__(self, model: nn.Module, check: bool = True):
         config = getattr(model, "config", None)
         if config is None:
             raise UnsupportedModelError(
@@ -88,25 +164,33 @@ class ModelAdapter:
             )
         self.model = model
         self.config = text_config
-        self.base = _find_base(model)
-        base = self.base
-        missing = [
-            name
-            for name in ("embed_tokens", "layers", "norm", "rotary_emb")
-            if getattr(base, name, None) is None
-        ]
+        self.base = base = _find_base(model)
+        self.embed_tokens = _attr(base, EMBED_NAMES)
+        self.layers = _attr(base, LAYERS_NAMES)
+        self.norm = _attr(base, NORM_NAMES)
+        self.rotary_emb = getattr(base, "rotary_emb", None)
+        self.rotary_emb_local = getattr(base, "rotary_emb_local", None)  # Gemma 3 before 5.0
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if lm_head is None:
-            missing.append("lm_head (get_output_embeddings())")
+        missing = [f"final norm ({'/'.join(NORM_NAMES)})"] if self.norm is None else []
+        if lm_head is None or not hasattr(lm_head, "weight"):
+            missing.append("output embedding (get_output_embeddings())")
         if missing:
             raise UnsupportedModelError(
-                f"clasp_ext: {type(model).__name__} is missing {', '.join(missing)}; "
-                "cannot drive it layer by layer"
+                f"clasp_ext: {type(model).__name__} has no {' and no '.join(missing)}; cannot "
+                "drive it layer by layer"
             )
-        self.embed_tokens = base.embed_tokens
-        self.layers = base.layers
-        self.norm = base.norm
-        self.rotary_emb = base.rotary_emb
+        absolute = [
+            n for n in ABSOLUTE_POSITION_NAMES if isinstance(getattr(base, n, None), nn.Module)
+        ]
+        if absolute:
+            raise UnsupportedModelError(
+                f"clasp_ext: {type(model).__name__} adds learned absolute position embeddings "
+                f"({absolute[0]}) in its forward; only rotary / no-position models are supported"
+            )
+        if getattr(text_config, "alibi", False):
+            raise UnsupportedModelError(
+                f"clasp_ext: {type(model).__name__} uses ALiBi position biases; not supported"
+            )
         self.lm_head = lm_head
         if not isinstance(self.layers, nn.ModuleList) or len(self.layers) == 0:
             raise UnsupportedModelError("clasp_ext: model layers is not a non-empty nn.ModuleList")
@@ -117,24 +201,33 @@ class ModelAdapter:
                 f"clasp_ext: config.num_hidden_layers={n_cfg} but the model has "
                 f"{self.num_layers} layers (was the layer list shortened?)"
             )
+        self.attn_modules = []
         for i, layer in enumerate(self.layers):
-            attn = getattr(layer, "self_attn", None)
+            attn = _attr(layer, ATTN_NAMES)
             if attn is None:
                 raise UnsupportedModelError(
-                    f"clasp_ext: layer {i} ({type(layer).__name__}) has no self_attn: recurrent, "
-                    "linear-attention or hybrid models are not supported"
+                    f"clasp_ext: layer {i} ({type(layer).__name__}) has no attention module "
+                    f"({'/'.join(ATTN_NAMES)}): recurrent, linear-attention or hybrid models are "
+                    "not supported"
                 )
             if getattr(attn, "layer_idx", i) != i:
                 raise UnsupportedModelError(
-                    f"clasp_ext: layer {i} has self_attn.layer_idx={attn.layer_idx}; the cache is "
+                    f"clasp_ext: layer {i} has attention layer_idx={attn.layer_idx}; the cache is "
                     "indexed by layer index"
                 )
-        params = inspect.signature(type(self.layers[0]).forward).parameters
-        for name in ("attention_mask", "position_embeddings"):
-            if name not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-                raise UnsupportedModelError(
-                    f"clasp_ext: {type(self.layers[0]).__name__}.forward takes no {name}="
-                )
+            self.attn_modules.append(attn)
+        conventions = {LayerConvention.of(layer) for layer in self.layers}
+        if len(conventions) != 1:
+            raise UnsupportedModelError(
+                "clasp_ext: the decoder layers have different forward signatures (a hybrid "
+                "model); not supported"
+            )
+        self.convention = conventions.pop()
+        if "position_embeddings" in self.convention.rotary_keywords and self.rotary_emb is None:
+            raise UnsupportedModelError(
+                f"clasp_ext: {type(self.layers[0]).__name__} takes position_embeddings but the "
+                "base model has no rotary_emb module"
+            )
         self.attn_implementation = getattr(text_config, "_attn_implementation", None) or "eager"
         self.is_flash = _is_flash_attention(self.attn_implementation)
         if self.attn_implementation not in SUPPORTED_ATTN and not self.is_flash:
@@ -145,8 +238,8 @@ class ModelAdapter:
             )
         if self.is_flash:
             # flash-attn takes no mask: causality comes only from the module's is_causal flag
-            for i, layer in enumerate(self.layers):
-                if getattr(layer.self_attn, "is_causal", True) is not True:
+            for i, attn in enumerate(self.attn_modules):
+                if getattr(attn, "is_causal", True) is not True:
                     raise UnsupportedModelError(
                         f"clasp_ext: layer {i} attention is not causal (is_causal=False); "
                         "flash attention would then attend to future tokens"
@@ -155,8 +248,8 @@ class ModelAdapter:
         # config objects the attention modules dispatch on (usually one, shared).
         self.masked_attn_implementation = "sdpa" if self.is_flash else self.attn_implementation
         attn_configs = {id(text_config): text_config}
-        for layer in self.layers:
-            cfg = getattr(layer.self_attn, "config", None)
+        for attn in self.attn_modules:
+            cfg = getattr(attn, "config", None)
             if cfg is not None:
                 attn_configs[id(cfg)] = cfg
         self._attn_configs = list(attn_configs.values())
@@ -177,36 +270,69 @@ class ModelAdapter:
                 )
             self.layer_types.append(lt)
             self.windows.append(int(window) if lt == "sliding_attention" else None)
-        rotary_params = inspect.signature(self.rotary_emb.forward).parameters
-        self.rotary_takes_type = "layer_type" in rotary_params
+        if self.rotary_emb is not None:
+            rotary_params = inspect.signature(self.rotary_emb.forward).parameters
+            self.rotary_takes_type = "layer_type" in rotary_params
+        else:
+            self.rotary_takes_type = False
+
+        # Scalings the CausalLM / base model forward applies around the layers.
+        self.embedding_multiplier = getattr(text_config, "embedding_multiplier", None)
+        if self.embedding_multiplier == 1.0:
+            self.embedding_multiplier = None
         self.final_softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.logits_divisor = getattr(text_config, "logits_scaling", None)  # Granite
+        if self.logits_divisor == 1.0:
+            self.logits_divisor = None
+        self.logit_scale = getattr(text_config, "logit_scale", None)  # Cohere
+        if self.logit_scale == 1.0:
+            self.logit_scale = None
+        self.embed_scale: float | None = None  # a scale the base forward applies (self_check)
+
         p = next(model.parameters())
         self.dtype = p.dtype
         self.device = p.device
-        attn0 = self.layers[0].self_attn
-        self.head_dim = getattr(attn0, "head_dim", None) or getattr(text_config, "head_dim", None)
-        if self.head_dim is None:
-            self.head_dim = text_config.hidden_size // text_config.num_attention_heads
-        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or (
-            text_config.num_attention_heads
-        )
         self.hidden_size = text_config.hidden_size
         self.vocab_size = lm_head.weight.shape[0]
+        if check:
+            self.check()
 
     # ------------------------------------------------------------------ pieces of the forward
     def embed(self, input_ids: Tensor) -> Tensor:
-        """h_0 (the embedding module applies any embedding scale itself, e.g. Gemma 3)."""
-        return self.embed_tokens(input_ids)
+        """h_0, with the scalings the model applies between its embedding and layer 0 (Gemma 3's
+        scaled embedding module applies its own)."""
+        h = self.embed_tokens(input_ids)
+        if self.embedding_multiplier is not None:
+            h = h * self.embedding_multiplier
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        return h
 
     def position_embeddings(self, hidden: Tensor, position_ids: Tensor) -> dict[str, tuple]:
-        """Rotary (cos, sin) per layer type for ``position_ids`` [B, T]."""
+        """Rotary (cos, sin) per layer type for ``position_ids`` [B, T] ({} without rotary)."""
+        if not self.convention.rotary_keywords or self.rotary_emb is None:
+            return {}
+        types = sorted(set(self.layer_types))
         if self.rotary_takes_type:
+            return {lt: self.rotary_emb(hidden, position_ids, layer_type=lt) for lt in types}
+        if self.convention.rotary_keywords != ("position_embeddings",):  # global + local
+            local = self.rotary_emb_local or self.rotary_emb
             return {
-                lt: self.rotary_emb(hidden, position_ids, layer_type=lt)
-                for lt in sorted(set(self.layer_types))
+                "full_attention": self.rotary_emb(hidden, position_ids),
+                "sliding_attention": local(hidden, position_ids),
             }
-        pe = self.rotary_emb(hidden, position_ids=position_ids)
-        return {lt: pe for lt in set(self.layer_types)}
+        pe = self.rotary_emb(hidden, position_ids)
+        return dict.fromkeys(types, pe)
+
+    @staticmethod
+    def first_positions(pos_emb: dict, n: int) -> dict:
+        """``pos_emb`` for the first ``n`` query positions: each value is a (cos, sin) pair or one
+        tensor (DeepSeek-V2's complex frequencies), [B, T, ...]."""
+
+        def take(x):
+            return tuple(t[:, :n] for t in x) if isinstance(x, tuple) else x[:, :n]
+
+        return {k: take(v) for k, v in pos_emb.items()}
 
     def run_layer(
         self,
@@ -218,15 +344,23 @@ class ModelAdapter:
         cache,
     ) -> Tensor:
         """Layer i on ``hidden`` [B, T, d]; its attention writes K/V through ``cache.update``."""
+        conv = self.convention
+        kwargs = dict(conv.constant_kwargs)
+        kwargs[conv.cache_keyword] = cache
+        if conv.takes_cache_position:
+            kwargs["cache_position"] = position_ids[0]
+        if conv.rotary_keywords == ("position_embeddings",):
+            kwargs["position_embeddings"] = pos_emb.get(self.layer_types[i])
+        elif conv.rotary_keywords:
+            kwargs["position_embeddings_global"] = pos_emb["full_attention"]
+            kwargs["position_embeddings_local"] = pos_emb["sliding_attention"]
         out = self.layers[i](
             hidden_states=hidden,
             attention_mask=masks[self.windows[i]],
             position_ids=position_ids,
-            position_embeddings=pos_emb[self.layer_types[i]],
-            cache=cache,
-            use_cache=True,
+            **kwargs,
         )
-        if isinstance(out, tuple):  # older layer conventions
+        if isinstance(out, tuple):  # older layer conventions: (hidden, attentions, ...)
             out = out[0]
         return out
 
@@ -234,7 +368,12 @@ class ModelAdapter:
         return self.norm(hidden)
 
     def softcap(self, logits: Tensor) -> Tensor:
-        """The model's final logit softcapping (Gemma), or the logits unchanged."""
+        """What the CausalLM forward does to the lm_head output: Granite's division by
+        ``logits_scaling``, Cohere's ``logit_scale``, Gemma's final softcapping."""
+        if self.logits_divisor is not None:
+            logits = logits / self.logits_divisor
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
@@ -244,6 +383,37 @@ class ModelAdapter:
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.logits_from_normed(self.final_norm(hidden))
+
+    def new_cache(self, capacity: int) -> ClaspKVCache:
+        return ClaspKVCache(self.num_layers, capacity)
+
+    def forward(
+        self,
+        ids: Tensor,
+        start: int,
+        cache,
+        skip: list[bool] | None = None,
+        keep_hidden: str | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The one layer-by-layer forward: ``ids`` [B, T] at positions ``start .. start + T - 1``
+        over cache slots [0, start) (writing [start, start + T)), running the layers not marked in
+        ``skip``. Returns (the last layer's output h [B, T, d] before the final norm, hidden
+        states): with ``keep_hidden="all"`` [h_0 .. h_L], with ``"last"`` the same at the last
+        position only, else []."""
+        T = ids.shape[1]
+        pos = torch.arange(start, start + T, device=ids.device)  # a kernel, not a host copy
+        h = self.embed(ids)
+        pe = self.position_embeddings(h, pos[None])
+        masks = self.causal_masks(pos, start + T)
+        cache.set_write(start)
+        keep = (lambda x: x) if keep_hidden == "all" else (lambda x: x[:, -1:])
+        hs = [keep(h)] if keep_hidden else []
+        for i in range(self.num_layers):
+            if skip is None or not skip[i]:
+                h = self.run_layer(i, h, pos[None], pe, masks, cache)
+            if keep_hidden:
+                hs.append(keep(h))
+        return h, hs
 
     # ------------------------------------------------------------------ masks
     def _to_attn_mask(self, allowed: Tensor, attn_implementation: str) -> Tensor:
@@ -323,29 +493,140 @@ class ModelAdapter:
                 cfg._attn_implementation = impl
 
     # ------------------------------------------------------------------ check
+    def check(self) -> None:
+        """The self-check, once per model and (dtype, device, attention implementation)."""
+        key = (self.dtype, self.device, self.attn_implementation)
+        done = _CHECKED.setdefault(self.model, {})
+        if key not in done:
+            self.self_check()
+            done[key] = self.embed_scale
+        self.embed_scale = done[key]
+
     @torch.no_grad()
-    def self_check(self, cache_factory, num_tokens: int = 5, atol: float | None = None) -> float:
-        """Runs the model's own forward and the adapter on the same few tokens and raises
-        UnsupportedModelError if the logits differ (a family quirk this adapter does not know).
-        Returns the max abs difference."""
-        ids = torch.arange(1, num_tokens + 1, device=self.device)[None] % self.vocab_size
-        ref = self.model(input_ids=ids, use_cache=False).logits.float()
-        cache = cache_factory(num_tokens)
-        pos = torch.arange(num_tokens, device=self.device)
-        h = self.embed(ids)
-        pe = self.position_embeddings(h, pos[None])
-        masks = self.causal_masks(pos, num_tokens)
-        cache.set_write(0)
-        for i in range(self.num_layers):
-            h = self.run_layer(i, h, pos[None], pe, masks, cache)
-        got = self.head(h).float()
-        diff = (got - ref).abs().max().item()
+    def self_check(self) -> float:
+        """Compares the adapter with the model's own forward and raises UnsupportedModelError if
+        they differ or the adapter's calls fail (a family quirk this adapter does not know).
+
+        Three chunks through the cache (a multi-token prefill, a multi-token verify-like chunk and
+        a one-token draft-like step over the cached K/V), long enough to cross a small sliding
+        window; every position's logits must match the model's own forward, every layer must have
+        written its K/V through the cache on every chunk (a cache keyword the layer swallows in
+        ``**kwargs`` fails here), and the DP's candidate layout must match single-token calls.
+        Returns the max abs logit difference."""
+        name = type(self.model).__name__
+        try:
+            return self._self_check()
+        except UnsupportedModelError:
+            raise
+        except Exception as err:  # any failure of the layer-by-layer calls refuses the model
+            raise UnsupportedModelError(
+                f"clasp_ext: driving {name} layer by layer failed in the self-check "
+                f"({type(err).__name__}: {err}); this family has a calling convention or cache "
+                "layout the adapter does not know"
+            ) from err
+
+    def _tolerance(self, ref: Tensor) -> float:
         scale = ref.abs().max().item() + 1.0
-        tol = atol if atol is not None else (1e-4 if self.dtype == torch.float32 else 5e-2) * scale
+        return (1e-4 if self.dtype == torch.float32 else 5e-2) * scale
+
+    def _self_check(self) -> float:
+        name = type(self.model).__name__
+        windows = [w for w in self.windows if w is not None]
+        n = min(max(6, (min(windows) + 3) if windows else 0), 64)
+        ids = (torch.arange(n, device=self.device)[None] * 7 + 3) % self.vocab_size
+        ref, layer0_input = self._reference_forward(ids)
+        self._measure_embed_scale(ids, layer0_input)
+
+        cache = self.new_cache(n + 3)
+        chunks = [(0, n - 3), (n - 3, n - 1), (n - 1, n)]
+        got = []
+        for c, (start, end) in enumerate(chunks):
+            h, _ = self.forward(ids[:, start:end], start, cache)
+            got.append(self.head(h).float())
+            not_written = [i for i, w in enumerate(cache.writes) if w != c + 1]
+            if not_written:  # checked per chunk: the next chunk would read the missing K/V
+                raise UnsupportedModelError(
+                    f"clasp_ext: the attention of {name} layer(s) {not_written} did not write K/V "
+                    f"through the cache passed as {self.convention.cache_keyword}= (writes per "
+                    f"layer: {cache.writes}); this transformers release calls layers differently"
+                )
+        got = torch.cat(got, 1)
+        diff = (got - ref).abs().max().item()
+        tol = self._tolerance(ref)
         if not diff <= tol:
             raise UnsupportedModelError(
-                f"clasp_ext: the layer-by-layer forward of {type(self.model).__name__} does not "
-                f"reproduce the model's own logits (max abs diff {diff:.3g} > {tol:.3g}); this "
-                "family has a quirk the adapter does not know, so CLaSp cannot be lossless on it"
+                f"clasp_ext: the layer-by-layer forward of {name} does not reproduce the model's "
+                f"own logits (max abs diff {diff:.3g} > {tol:.3g}); this family has a quirk the "
+                "adapter does not know, so CLaSp cannot be lossless on it"
             )
+        self._check_candidate_layout(ids, cache, n)
         return diff
+
+    def _reference_forward(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The model's own logits, and the hidden state it feeds layer 0 (hooked)."""
+        seen = []
+
+        def hook(module, args, kwargs):
+            seen.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            # with the model's own cache, as model.generate's prefill runs it (in some releases
+            # use_cache=False takes another path that gives other logits: DeepSeek-V3 in 4.56)
+            ref = self.model(input_ids=ids, use_cache=True).logits.float()
+        finally:
+            handle.remove()
+        return ref, (seen[0] if seen else None)
+
+    def _measure_embed_scale(self, ids: Tensor, layer0_input: Tensor | None) -> None:
+        """A constant the base model multiplies the embeddings by before layer 0 (Gemma 1/2 before
+        transformers 5: sqrt(hidden_size) in the hidden dtype), found by comparing what the model
+        fed layer 0 with ``embed``; anything else that differs is refused."""
+        self.embed_scale = None
+        if layer0_input is None:
+            return
+        ours = self.embed(ids)
+        if torch.equal(ours, layer0_input):
+            return
+        scale = math.sqrt(self.hidden_size)
+        if torch.equal(ours * torch.tensor(scale, dtype=ours.dtype), layer0_input):
+            self.embed_scale = scale
+            return
+        raise UnsupportedModelError(
+            f"clasp_ext: {type(self.model).__name__} transforms the token embeddings before its "
+            "first layer in a way the adapter does not know (not a known scale); not supported"
+        )
+
+    def _check_candidate_layout(self, ids: Tensor, cache, n: int) -> None:
+        """The DP's call (two candidates at the last position p, each seeing slots [0, p) and its
+        own scratch slot) equals two single-token calls at p over the same past: the model honours
+        the 4-D mask and the repeated position ids."""
+        p = n - 1
+        if p < 1:
+            return
+        layer = 0
+        cand = torch.cat([self.embed(ids[:, p : p + 1]), self.embed(ids[:, :1])], 1)  # [1, 2, d]
+        pos_ids = torch.full((1, 2), p, dtype=torch.long, device=self.device)
+        pe = self.position_embeddings(cand, pos_ids)
+        scratch = n + 1
+        with self.masked_attention():
+            cache.set_write(scratch)
+            both = self.run_layer(
+                layer, cand, pos_ids, pe, self.candidate_masks(p, scratch, 2), cache
+            )
+        singles = []
+        for c in range(2):
+            one = cand[:, c : c + 1]
+            pe1 = self.first_positions(pe, 1)
+            cache.set_write(p)
+            masks = self.causal_masks(torch.full((1,), p, device=self.device), p + 1)
+            singles.append(self.run_layer(layer, one, pos_ids[:, :1], pe1, masks, cache))
+        want = torch.cat(singles, 1).float()
+        diff = (both.float() - want).abs().max().item()
+        tol = self._tolerance(want)
+        if not diff <= tol:
+            raise UnsupportedModelError(
+                f"clasp_ext: {type(self.model).__name__} does not honour the skip-set search's "
+                f"attention layout (candidates at one position with a custom mask differ from "
+                f"single-token calls by {diff:.3g} > {tol:.3g}); not supported"
+            )

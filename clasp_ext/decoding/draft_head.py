@@ -80,6 +80,14 @@ class DraftHead:
         """Subset positions -> vocabulary ids (on the device; no host sync)."""
         return index if not self.enabled else self.ids[index]
 
+    def full_logits(self, logits: Tensor) -> Tensor:
+        """[B, num_scored] subset logits -> [B, V] with -inf outside the subset (for logits
+        processors, which index the full vocabulary); such a token is never proposed."""
+        if not self.enabled:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.ids, logits)
+
     def full_probs(self, probs: Tensor) -> Tensor:
         """[B, num_scored] subset probabilities -> [B, V] with zeros outside the subset."""
         if not self.enabled:

@@ -1,10 +1,13 @@
-"""The shared static KV cache of draft, verify and the layer search (SPEC sections 1 and 2).
+"""The shared static KV cache of draft, verify and the layer search (SPEC section 1 and 2).
 
-One preallocated buffer per layer, [batch, kv_heads, capacity, head_dim] in the model's dtype and
-device. Slot s holds position s. ``committed`` is the number of positions that belong to the
-sequence; everything past it is scratch (draft K/V not yet verified, the DP's candidates, rejected
-drafts) and is simply overwritten later. Rollback is setting ``committed``. Nothing is ever copied:
-``update`` writes the new K/V into their slots and returns views of the buffer.
+One buffer per layer, [batch, kv_heads, capacity, head_dim], allocated at the layer's first write
+(prefill) with the shape, dtype and device of the K/V its attention hands over: the cache needs no
+knowledge of the family's head layout, so models whose keys and values differ in size (DeepSeek's
+multi-head latent attention) or whose layers differ work alike. Slot s holds position s.
+``committed`` is the number of positions that belong to the sequence; everything past it is scratch
+(draft K/V not yet verified, the DP's candidates, rejected drafts) and is simply overwritten later.
+Rollback is setting ``committed``. Nothing is ever copied: ``update`` writes the new K/V into their
+slots and returns views of the buffer.
 
 The decoder layers' attention calls ``cache.update(key, value, layer_idx, ...)``; the caller sets
 the first slot to write with ``set_write(start)`` before running the layers, and ``update`` writes
@@ -19,27 +22,17 @@ from transformers.cache_utils import Cache
 
 
 class ClaspKVCache(Cache):
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        batch_size: int = 1,
-    ):
+    def __init__(self, num_layers: int, capacity: int):
         super().__init__(layers=[])
         if capacity <= 0:
             raise ValueError(f"clasp_ext: KV cache capacity must be positive, got {capacity}")
         self.num_layers = num_layers
         self.capacity = capacity
-        shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
         self.committed = 0
         self._start = 0
-        self.writes = [0] * num_layers  # update() calls per layer (tests and stats)
+        self.writes = [0] * num_layers  # update() calls per layer (self-check, tests and stats)
 
     # -------------------------------------------------------------- write position / rollback
     def set_write(self, start: int) -> None:
@@ -55,6 +48,16 @@ class ClaspKVCache(Cache):
         self.committed = 0
         self._start = 0
 
+    def _buffer(self, store: list, layer_idx: int, states: Tensor) -> Tensor:
+        buf = store[layer_idx]
+        B, H, _, D = states.shape
+        if buf is None or buf.shape != (B, H, self.capacity, D) or buf.dtype != states.dtype:
+            buf = torch.zeros(
+                (B, H, self.capacity, D), dtype=states.dtype, device=states.device
+            )  # first write of this layer (prefill): never inside a round
+            store[layer_idx] = buf
+        return buf
+
     # -------------------------------------------------------------- transformers Cache API
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         T = key_states.shape[-2]
@@ -64,7 +67,8 @@ class ClaspKVCache(Cache):
                 f"clasp_ext: KV cache overflow (writing slots [{self._start}, {end}) of "
                 f"{self.capacity}); raise max_new_tokens headroom"
             )
-        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k = self._buffer(self.keys, layer_idx, key_states)
+        v = self._buffer(self.values, layer_idx, value_states)
         k[:, :, self._start : end].copy_(key_states)
         v[:, :, self._start : end].copy_(value_states)
         self.writes[layer_idx] += 1
@@ -87,4 +91,4 @@ class ClaspKVCache(Cache):
         return False
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)

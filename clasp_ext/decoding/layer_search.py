@@ -62,7 +62,7 @@ def dp_skip_search(
     for layer in range(L):
         num_keep = min(layer, M)
         if num_keep > 0:
-            pe = {k: (c[:, :num_keep], s[:, :num_keep]) for k, (c, s) in pos_emb.items()}
+            pe = adapter.first_positions(pos_emb, num_keep)
             mk = {w: m[..., :num_keep, : scratch_start + num_keep] for w, m in masks.items()}
             # The candidate layout needs a custom mask that flash-attn cannot express: with a
             # flash-attention model this one call runs through sdpa (adapter.masked_attention).

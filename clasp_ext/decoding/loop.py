@@ -13,7 +13,6 @@ does not reproduce the model's own logits.
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,9 +30,6 @@ from clasp_ext.decoding.layer_search import (
     random_skip_mask,
 )
 from clasp_ext.decoding.lookup import lookup_continuation
-
-# model -> the (dtype, device, attention implementation) setups that passed ModelAdapter.self_check
-_SELF_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -110,12 +106,34 @@ def process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
     return x.softmax(dim=-1)
 
 
+def _unchanged(x: Tensor) -> Tensor:
+    return x
+
+
 class ClaspDecoder:
     """Stateful CLaSp decoder for one sequence: ``prefill(ids)`` then ``step()`` until
-    ``finished``; ``reset()`` makes it reusable (also after an error)."""
+    ``finished``; ``reset()`` makes it reusable (also after an error).
+
+    ``logits_processor``: an optional ``(input_ids [1, n], scores [1, V] float32) -> scores``,
+    transformers' ``LogitsProcessor`` protocol, applied to the full model's next-token logits at
+    every position it scores (prefill, each verify row, with that position's prefix) and alike to
+    each layer-skip draft token's, before temperature/top-k/top-p. It must be a pure function of
+    its inputs: positions are scored out of order and rejected drafts are scored too. Output stays
+    exactly that of sampling (or argmax) from the processed full model. ``keep_logits``: collect
+    the full model's raw float32 logits [V] behind each emitted token in ``token_logits`` (for
+    ``output_scores``); both are off by default and cost nothing then.
+    """
 
     def __init__(
-        self, model, config: ClaspConfig | None = None, *, callback=None, streamer=None, **overrides
+        self,
+        model,
+        config: ClaspConfig | None = None,
+        *,
+        callback=None,
+        streamer=None,
+        logits_processor=None,
+        keep_logits: bool = False,
+        **overrides,
     ):
         if config is None:
             config = ClaspConfig()
@@ -130,29 +148,20 @@ class ClaspDecoder:
         )
         self.callback = callback
         self.streamer = streamer
+        self.logits_processor = logits_processor
+        self.keep_logits = keep_logits
         self.device = self.adapter.device
         self.draft_head = DraftHead(self.adapter, self.config.draft_vocab_size)
         self.cache: ClaspKVCache | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()  # no seed: one nondeterministic stream across prefills
-        a = self.adapter
-        # The check costs two short forwards: once per model and setup, not per generate() call
-        # (serving code and benchmarks build a decoder per request).
-        key = (a.dtype, a.device, a.attn_implementation)
-        if key not in _SELF_CHECKED.setdefault(model, set()):
-            with torch.no_grad():
-                a.self_check(
-                    lambda n: ClaspKVCache(
-                        a.num_layers, a.num_kv_heads, a.head_dim, n, a.dtype, a.device
-                    )
-                )
-            _SELF_CHECKED[model].add(key)
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         c = self.config
         self.tokens: list[int] = []
+        self.token_logits: list[Tensor] = []  # with keep_logits: one [V] row per emitted token
         self.prompt_len = 0
         self.finished = True
         self._prefilled = False
@@ -175,35 +184,49 @@ class ClaspDecoder:
 
     # ------------------------------------------------------------------ forward passes
     def _full_forward(self, ids: Tensor, start: int, keep_last_only: bool = False):
-        a = self.adapter
-        T = ids.shape[1]
-        pos = torch.arange(start, start + T, device=self.device)
-        h = a.embed(ids)
-        pe = a.position_embeddings(h, pos[None])
-        masks = a.causal_masks(pos, start + T)
-        self.cache.set_write(start)
-        hs = [h[:, -1:] if keep_last_only else h]
-        for i in range(a.num_layers):
-            h = a.run_layer(i, h, pos[None], pe, masks, self.cache)
-            hs.append(h[:, -1:] if keep_last_only else h)
-        logits = a.head(h[:, -1:] if keep_last_only else h)
-        return logits, hs
+        """All layers over ``ids`` at ``start``: (logits, hidden states h_0..h_L)."""
+        h, hs = self.adapter.forward(
+            ids, start, self.cache, keep_hidden="last" if keep_last_only else "all"
+        )
+        return self.adapter.head(h[:, -1:] if keep_last_only else h), hs
 
     def _draft_forward(self, tok: Tensor, pos: int) -> Tensor:
-        a = self.adapter
-        p = torch.arange(pos, pos + 1, device=self.device)  # a kernel, not a host copy
-        h = a.embed(tok)
-        pe = a.position_embeddings(h, p[None])
-        masks = a.causal_masks(p, pos + 1)
-        self.cache.set_write(pos)
-        for i in range(a.num_layers):
-            if not self.skip[i]:
-                h = a.run_layer(i, h, p[None], pe, masks, self.cache)
-        return self.draft_head.logits(h)[:, -1]  # [1, V] or [1, draft vocabulary]
+        """The kept layers on one token: draft logits [1, V] (or over the draft vocabulary)."""
+        h, _ = self.adapter.forward(tok, pos, self.cache, skip=self.skip)
+        return self.draft_head.logits(h)[:, -1]
 
     def _probs(self, logits: Tensor) -> Tensor:
         c = self.config
         return process_logits(logits, c.temperature, c.top_k, c.top_p)
+
+    def _processed(self, ids: Tensor, logits: Tensor) -> Tensor:
+        """``logits_processor`` over the last R positions of ``ids`` [1, n]: row r of ``logits``
+        [1, R, V] scores the token after ``ids[:, : n - R + 1 + r]``. On float32 copies, as
+        model.generate passes them (some processors write in place)."""
+        n, R = ids.shape[1], logits.shape[1]
+        proc = self.logits_processor
+        rows = [
+            proc(ids[:, : n - R + 1 + r], logits[:, r].to(torch.float32, copy=True))
+            for r in range(R)
+        ]
+        return torch.stack(rows, 1)
+
+    def _draft_token(self, tok: Tensor, pos: int, prefix: Tensor | None):
+        """One layer-skip draft step after ``tok`` at ``pos``: (next token [1, 1], its proposal
+        distribution q over the full vocabulary or None when greedy, top-1 probability)."""
+        c = self.config
+        dh = self.draft_head
+        logits = self._draft_forward(tok, pos)  # over the draft vocabulary
+        to_ids, to_full = dh.token_ids, dh.full_probs
+        if self.logits_processor is not None:  # processors index the full vocabulary
+            logits = self._processed(prefix, dh.full_logits(logits)[:, None])[:, 0]
+            to_ids = to_full = _unchanged
+        if c.greedy:
+            top1 = logits.float().softmax(-1).amax(-1) if c.draft_exit_threshold > 0 else None
+            return to_ids(logits.argmax(-1, keepdim=True)), None, top1
+        q = self._probs(logits)
+        idx = torch.multinomial(q, 1, generator=self.generator)
+        return to_ids(idx), to_full(q), q.amax(-1)
 
     # ------------------------------------------------------------------ skip set
     def _update_skip(self, target_hidden: Tensor, target_pos: int, scratch: int, initial: bool):
@@ -303,9 +326,7 @@ class ClaspDecoder:
             capacity = T + c.max_new_tokens + headroom
         if self.cache is None or self.cache.capacity < capacity:
             self.cache = None  # free the old one first
-            self.cache = ClaspKVCache(
-                a.num_layers, a.num_kv_heads, a.head_dim, capacity, a.dtype, self.device
-            )
+            self.cache = a.new_cache(capacity)
         self.cache.reset()
         t_start = time.perf_counter()
         self._round_syncs = 0
@@ -322,10 +343,15 @@ class ClaspDecoder:
         logits, hs = self._full_forward(ids, 0, keep_last_only=True)
         self.cache.rollback(T)
         self._seq_lens = torch.full((1,), T, dtype=torch.int32, device=self.device)
+        scores = logits[:, -1]
+        if self.logits_processor is not None:
+            scores = self._processed(ids, logits)[:, 0]
         if c.greedy:
-            first = logits[:, -1].argmax(-1, keepdim=True)
+            first = scores.argmax(-1, keepdim=True)
         else:
-            first = torch.multinomial(self._probs(logits[:, -1]), 1, generator=self.generator)
+            first = torch.multinomial(self._probs(scores), 1, generator=self.generator)
+        if self.keep_logits:
+            self.token_logits.append(logits[0, -1].to(torch.float32, copy=True))
         self._t0_dev = first  # [1, 1]
         tok = self._sync(first)[0][0]
         self.stats.time_prefill += time.perf_counter() - t_start
@@ -355,6 +381,10 @@ class ClaspDecoder:
         drafts: list[Tensor] = []
         qs: list[Tensor] = []
         tok = self._t0_dev
+        # the sequence so far, for the logits processor (t0 included; drafts are appended to it)
+        ctx = None
+        if self.logits_processor is not None:
+            ctx = torch.tensor([self.tokens], device=self.device)
         looked_up = lookup_continuation(self.tokens, c.lookup_ngram, k_max)  # [] when off
         if looked_up:  # a free draft: no forward pass (lookup.py)
             d = torch.tensor([looked_up], dtype=torch.long, device=self.device)
@@ -364,16 +394,10 @@ class ClaspDecoder:
                 qs = [q_all[:, i] for i in range(d.shape[1])]
             self.stats.lookup_rounds += 1
         for j in range(0 if looked_up else k_max):
-            logits = self._draft_forward(tok, n + j)
-            if c.greedy:
-                nxt = self.draft_head.token_ids(logits.argmax(-1, keepdim=True))
-                top1 = logits.float().softmax(-1).amax(-1) if thr > 0 else None
-            else:
-                q = self._probs(logits)
-                qs.append(self.draft_head.full_probs(q))
-                idx = torch.multinomial(q, 1, generator=self.generator)
-                nxt = self.draft_head.token_ids(idx)
-                top1 = q.amax(-1)
+            prefix = None if ctx is None else torch.cat([ctx, *drafts], 1)
+            nxt, q, top1 = self._draft_token(tok, n + j, prefix)
+            if q is not None:
+                qs.append(q)
             drafts.append(nxt)
             tok = nxt
             if thr > 0:  # control flow needs the values: one read per draft token
@@ -386,8 +410,9 @@ class ClaspDecoder:
 
         # ---- verify
         inp = torch.cat([self._t0_dev, *drafts], dim=1)
-        logits, hs = self._full_forward(inp, n)
+        raw, hs = self._full_forward(inp, n)
         draft_tokens = torch.cat(drafts, 1) if k else inp.new_zeros(1, 0)
+        logits = raw if ctx is None else self._processed(torch.cat([ctx, draft_tokens], 1), raw)
         num_draft = torch.full((1,), k, dtype=torch.int32, device=self.device)
         if c.greedy:
             accepted, out = ops.verify_greedy(draft_tokens, num_draft, logits, self._seq_lens)
@@ -414,6 +439,8 @@ class ClaspDecoder:
         emitted = emitted[:remaining]
         self.cache.rollback(n + len(emitted))
         self.stats.round_tokens += len(emitted)
+        if self.keep_logits:
+            self.token_logits.extend(raw[0, : len(emitted)].to(torch.float32, copy=True).unbind(0))
         out_tokens = self._emit(emitted)
 
         # ---- layer optimization

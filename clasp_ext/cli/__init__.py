@@ -1,0 +1,10 @@
+"""Command-line tooling around the library (not part of the library API).
+
+- ``clasp_ext.cli.generate``: ``python -m clasp_ext generate``, a streamed CLaSp generation with
+  statistics and an optional comparison with the model's own ``generate``;
+- ``clasp_ext.cli.models``: the named real models of the command line and the benchmarks in
+  ``bench/``, fetched, converted from GGUF once and cached.
+
+The library (``clasp_ext.ops``, ``clasp_ext.reference``, ``clasp_ext.decoding``) never imports
+this package: it runs no ``pip`` and fetches no model; it decodes the model it is given.
+"""

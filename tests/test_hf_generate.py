@@ -1,0 +1,310 @@
+"""model.generate(..., custom_generate=clasp_ext.hf.generate) behaves as plain model.generate."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers as tf
+from decoding_models import FAMILIES, tiny_model
+from packaging.version import Version
+from test_decoding_greedy import assert_lossless
+from test_decoding_sampling import assert_matches
+from transformers.generation import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MaxLengthCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from clasp_ext import hf
+from clasp_ext.decoding import ClaspConfig
+
+torch.set_num_threads(1)
+
+TF = Version(tf.__version__)
+# Measured on the installed releases: 4.56 is the first to call a callable custom_generate; 4.57
+# added passing the keyword arguments the callable names in its signature (and stopped passing
+# `streamer` to it).
+pytestmark = pytest.mark.skipif(
+    TF < Version("4.56"), reason=f"transformers {TF} has no callable custom_generate (4.56+)"
+)
+needs_extra_kwargs = pytest.mark.skipif(
+    TF < Version("4.57"),
+    reason=f"transformers {TF} rejects unknown generate kwargs; bind them with functools.partial",
+)
+
+# CLaSp settings that make every round draft (and reject) on these tiny models
+KNOBS = dict(num_skip_layers=2, max_draft=4, draft_exit_threshold=0.0, update_interval=2)
+
+
+def clasp(**knobs):
+    """The callable with knobs bound: works on every release with the hook."""
+    return functools.partial(hf.generate, **{**KNOBS, **knobs})
+
+
+def prompt(T: int, seed: int, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_greedy_equals_generate(family):
+    model = tiny_model(family, layers=6, seed=3)
+    for trial, T in enumerate((5, 17)):
+        ids = prompt(T, trial)
+        kw = dict(do_sample=False, max_new_tokens=28, min_new_tokens=28, pad_token_id=0)
+        want = model.generate(ids, **kw)
+        got = model.generate(ids, custom_generate=clasp(seed=trial), **kw)
+        assert got.shape == want.shape
+        assert_lossless(model, got[0].tolist(), want[0].tolist(), T)
+
+
+@needs_extra_kwargs
+@torch.no_grad()
+def test_knobs_as_generate_kwargs():
+    model = tiny_model("llama", layers=6, seed=1)
+    ids = prompt(8, 1)
+    want = model.generate(ids, max_new_tokens=20, min_new_tokens=20)
+    for kw in (KNOBS, dict(clasp_config=ClaspConfig(**KNOBS)), dict(skip_strategy=[1, 3])):
+        got = model.generate(
+            ids, max_new_tokens=20, min_new_tokens=20, custom_generate=hf.generate, **kw
+        )
+        assert_lossless(model, got[0].tolist(), want[0].tolist(), 8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.no_grad()
+def test_processors_greedy(family):
+    """Processors that read the sequence so far, on drafts and verify rows alike; a draft
+    vocabulary smaller than the model's (64 of 256 ids) takes the -inf-padded path."""
+    model = tiny_model(family, layers=6, seed=5)
+    ids = prompt(10, 2)
+    for kw in (
+        dict(repetition_penalty=1.5),
+        dict(no_repeat_ngram_size=2, min_new_tokens=12),
+        dict(bad_words_ids=[[40], [41, 42]], suppress_tokens=[7, 8, 9], min_length=14),
+        dict(sequence_bias={(50,): 4.0}, begin_suppress_tokens=[60]),
+    ):
+        kw = dict(kw, do_sample=False, max_new_tokens=24)
+        want = model.generate(ids, **kw)
+        got = model.generate(ids, custom_generate=clasp(draft_vocab_size=64), **kw)
+        assert_lossless(model, got[0].tolist(), want[0].tolist(), 10)
+
+
+def _first_new_tokens(model, ids, n):
+    out = model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_eos_and_max_length(family):
+    model = tiny_model(family, layers=6, seed=11)
+    ids = prompt(6, 4)
+    free = _first_new_tokens(model, ids, 30)
+    firsts = [i for i, t in enumerate(free) if t not in free[:i]]
+    eos = free[firsts[min(3, len(firsts) - 1)]]  # first appears mid-generation
+    for eos_ids in (eos, [255, eos]):
+        want = model.generate(ids, max_new_tokens=30, eos_token_id=eos_ids)
+        got = model.generate(ids, max_new_tokens=30, eos_token_id=eos_ids, custom_generate=clasp())
+        assert got[0].tolist() == want[0].tolist() == ids[0].tolist() + free[: free.index(eos) + 1]
+    # max_length counts the prompt, as in plain generate
+    got = model.generate(ids, max_length=15, eos_token_id=None, custom_generate=clasp())
+    assert got[0, 6:].tolist() == free[:9]
+
+
+class StopOn(StoppingCriteria):
+    """Stops once the last token is ``token`` (a user criterion transformers knows nothing of)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@torch.no_grad()
+def test_stopping_criteria_stop_at_the_same_token(family):
+    model = tiny_model(family, layers=6, seed=2)
+    ids = prompt(7, 5)
+    free = _first_new_tokens(model, ids, 30)
+    # several stop tokens: wherever they fall in a round, generation stops right after them
+    for stop in sorted(set(free[2:20]), key=free.index)[:4]:
+        kw = dict(
+            max_new_tokens=30,
+            min_new_tokens=30,
+            stopping_criteria=StoppingCriteriaList([StopOn(stop)]),
+        )
+        want = model.generate(ids, **kw)
+        got = model.generate(ids, custom_generate=clasp(), **kw)
+        assert got[0].tolist() == want[0].tolist()
+        assert got[0, -1].item() == stop and got.shape[1] == 7 + free.index(stop) + 1
+    # a user MaxLengthCriteria takes precedence over max_new_tokens, as in plain generate
+    crit = StoppingCriteriaList([MaxLengthCriteria(max_length=7 + 11)])
+    got = model.generate(
+        ids, max_new_tokens=30, min_new_tokens=30, stopping_criteria=crit, custom_generate=clasp()
+    )
+    assert got[0, 7:].tolist() == free[:11]
+
+
+@torch.no_grad()
+def test_return_dict_scores_and_logits():
+    model = tiny_model("llama", layers=6, seed=7)
+    ids = prompt(9, 6)
+    kw = dict(
+        max_new_tokens=16,
+        min_new_tokens=16,
+        repetition_penalty=1.3,  # processed scores differ from the raw logits
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    want = model.generate(ids, **kw)
+    got = model.generate(ids, custom_generate=clasp(), **kw)
+    assert type(got) is type(want)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    assert len(got.scores) == len(want.scores) == 16 == len(got.logits)
+    for a, b in zip(got.scores, want.scores, strict=True):
+        assert a.shape == b.shape == (1, 256) and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # sequences only, unless asked
+    out = model.generate(ids, max_new_tokens=4, custom_generate=clasp())
+    assert isinstance(out, torch.Tensor)
+
+
+class Recorder:
+    """transformers' streamer protocol (BaseStreamer): put(token ids), then end()."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        assert self.ends == 0
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ends += 1
+
+    def new_tokens(self):
+        return [t for p in self.puts[1:] for t in p]
+
+
+@torch.no_grad()
+def test_streaming():
+    model = tiny_model("gemma3", layers=6, seed=4)
+    ids = prompt(6, 7)
+    free = _first_new_tokens(model, ids, 20)
+    stop = StoppingCriteriaList([StopOn(free[12])])  # the stream must not run past the stop
+    kw = dict(max_new_tokens=20, min_new_tokens=20, stopping_criteria=stop)
+    rec = Recorder()
+    out = model.generate(ids, custom_generate=clasp(clasp_streamer=rec), **kw)
+    assert rec.puts[0] == ids.tolist()  # the prompt first, as model.generate does
+    assert rec.new_tokens() == out[0, 6:].tolist() == free[: free.index(free[12]) + 1]
+    assert rec.ends == 1 and len(rec.puts) > 2
+
+    rec = Recorder()
+    model.generate(ids, custom_generate=hf.generate, streamer=rec, **kw)
+    if TF < Version("4.57"):  # passed to the callable
+        assert rec.new_tokens() == out[0, 6:].tolist() and rec.ends == 1
+    else:  # not passed: transformers puts only the prompt (hence clasp_streamer)
+        assert rec.puts == [ids.tolist()] and rec.ends == 0
+        rec = Recorder()  # clasp_streamer as a generate kwarg (4.57+ passes it through)
+        model.generate(ids, custom_generate=hf.generate, clasp_streamer=rec, **kw)
+        assert rec.new_tokens() == out[0, 6:].tolist() and rec.ends == 1
+
+
+class Custom(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        return scores
+
+
+@torch.no_grad()
+def test_refusals():
+    model = tiny_model("llama", layers=4, seed=0)
+    ids = prompt(5, 8)
+    g = clasp()
+
+    def refused(match, inputs=ids, custom_generate=g, **kw):
+        with pytest.raises(ValueError, match=match):
+            model.generate(inputs, max_new_tokens=4, custom_generate=custom_generate, **kw)
+
+    refused("batched decoding is not supported yet", inputs=ids.repeat(2, 1))
+    refused("batched decoding is not supported yet", do_sample=True, num_return_sequences=2)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    refused("padding", attention_mask=mask)
+    refused("UnbatchedClassifierFreeGuidanceLogitsProcessor.*guidance_scale", guidance_scale=1.5)
+    refused("Custom is not supported", logits_processor=LogitsProcessorList([Custom()]))
+    refused("beam search", num_beams=2)
+    refused("from the generation config", custom_generate=clasp(clasp_config=ClaspConfig(top_k=3)))
+    # an all-ones mask is fine
+    mask = torch.ones_like(ids)
+    assert model.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=g).shape == (
+        1,
+        9,
+    )
+
+
+@torch.no_grad()
+def test_sampling_distribution(monkeypatch):
+    """Under do_sample with temperature, top-k, no_repeat_ngram_size=1 (no token twice: each
+    position must see its own prefix) and min_new_tokens (no EOS), the first token and the joint
+    of the second and third match the exact processed model (chi-square, p = 1e-4). With max_draft
+    2 the second token is an accepted draft or a resample, the third a bonus or a new round's."""
+    V = 8
+    model = tiny_model("llama", layers=4, vocab=V, seed=5)
+    model.lm_head.weight.mul_(3.0)  # draft (layers 1, 2 skipped) and target far apart
+    ids = torch.tensor([[3, 1]])
+    kw = dict(do_sample=True, temperature=0.8, top_k=4, no_repeat_ngram_size=1, min_new_tokens=3)
+    kw.update(max_new_tokens=3)
+
+    built = {}
+
+    def spy(model, input_ids, logits_processor=None, **_):
+        built["procs"] = logits_processor
+        return input_ids
+
+    model.generate(ids, custom_generate=spy, **kw)  # the processors plain generate would use
+
+    def probs(seq):
+        return built["procs"](seq, model(seq).logits[:, -1].float()).softmax(-1)
+
+    p1 = probs(ids)[0]
+    seq2 = torch.cat([ids.expand(V, -1), torch.arange(V)[:, None]], 1)
+    p12 = p1[:, None] * probs(seq2)  # [t1, t2]
+    seq3 = torch.cat([seq2.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)
+    p23 = (p12[:, :, None] * probs(seq3).view(V, V, V)).sum(0)  # [t2, t3]
+
+    decoders = []
+
+    class Recording(hf.ClaspDecoder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            decoders.append(self)
+
+    monkeypatch.setattr(hf, "ClaspDecoder", Recording)
+    g = clasp(skip_strategy=[1, 2], max_draft=2, lookup_ngram=0)
+    N = 1200
+    counts = torch.zeros(V, V, V, dtype=torch.long)
+    for _ in range(N):
+        out = model.generate(ids, custom_generate=g, **kw)
+        assert out.shape == (1, 5)
+        counts[tuple(out[0, 2:].tolist())] += 1
+    drafted = sum(d.stats.drafted for d in decoders)
+    accepted = sum(d.stats.accepted for d in decoders)
+    assert min(accepted, drafted - accepted) > 0.1 * drafted, (accepted, drafted)
+    assert_matches(counts.sum((1, 2)), p1, "token 1")
+    # tokens 2 and 3 jointly: the third is only right if its verify row saw the second
+    c23, p23 = counts.sum(0).flatten(), p23.flatten()
+    rare = (p23 > 0) & (p23 * N < 5)  # pooled, so the chi-square approximation holds
+    assert_matches(
+        torch.cat([c23[~rare], c23[rare].sum()[None]]),
+        torch.cat([p23[~rare], p23[rare].sum()[None]]),
+        "tokens 2, 3",
+    )
