@@ -18,6 +18,7 @@ every ``update_interval`` rounds, against tau autoregressive steps), not a measu
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -107,10 +108,12 @@ def measure(model, args) -> dict:
     res = dict(num_layers=L, context=args.context, vocab=V, ar={}, draft={}, verify={}, dp={})
 
     hf_cache = DynamicCache(config=model.config)
-    model(input_ids=prompt, cache=hf_cache, use_cache=True)
+    # the cache keyword: cache= from transformers 5.24 on, past_key_values= before
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    model(input_ids=prompt, use_cache=True, **{kw: hf_cache})
 
     def ar_step():
-        model(input_ids=tok, cache=hf_cache, use_cache=True)
+        model(input_ids=tok, use_cache=True, **{kw: hf_cache})
         hf_cache.crop(-1)  # drop the token again
 
     res["ar"]["hf_step_s"] = timer(dev, ar_step, args.repeats)

@@ -44,6 +44,12 @@ TINY = dict(
     qk_rope_head_dim=8,
     qk_nope_head_dim=16,
     v_head_dim=16,
+    # non-default scalings (Granite's multipliers, Cohere's logit scale), so they are exercised
+    embedding_multiplier=3.0,
+    logits_scaling=2.5,
+    residual_multiplier=0.5,
+    attention_multiplier=0.2,
+    logit_scale=0.5,
     # token ids inside the tiny vocabulary
     bos_token_id=1,
     eos_token_id=2,
@@ -91,13 +97,15 @@ def _tiny_kwargs(config_cls) -> dict:
         prop = getattr(config_cls, own, None)
         if isinstance(prop, property) and prop.fset is None:  # derived (Falcon's head_dim)
             continue
-        if (accepted is not None and own in accepted) or hasattr(defaults, own):
+        generic = name.endswith("_token_id")  # some 5.0 configs lack them; models read them
+        if generic or (accepted is not None and own in accepted) or hasattr(defaults, own):
             kwargs[own] = value
     if getattr(defaults, "sliding_window", None) is None:
         kwargs.pop("sliding_window", None)
     if "kv_lora_rank" in kwargs:  # MLA: rotary head size qk_rope_head_dim, no grouped K/V heads
         kwargs.pop("head_dim", None)
-        kwargs.pop("num_key_value_heads", None)
+        if "num_key_value_heads" in kwargs:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     return kwargs
 
 
