@@ -38,6 +38,9 @@ TINY = dict(
     first_k_dense_replace=1,
     n_group=1,
     topk_group=1,
+    # Gemma 3n / 4 per-layer input embeddings
+    vocab_size_per_layer_input=256,
+    hidden_size_per_layer_input=16,
     # multi-head latent attention (DeepSeek)
     kv_lora_rank=16,
     q_lora_rank=24,
@@ -55,7 +58,7 @@ TINY = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-MAX_PARAMS = 5_000_000  # a family whose sizes TINY does not reach is skipped, not built at scale
+MAX_PARAMS = 40_000_000  # a family whose sizes TINY does not reach is skipped, not built at scale
 PROMPT_LEN = 7
 NEW_TOKENS = 12
 NEAR_TIE = 1e-4
