@@ -100,7 +100,7 @@ def flash(monkeypatch):
     standin = FlashAttnStandIn()
     for name in FLASH_NAMES:
         monkeypatch.setitem(AttentionInterface._global_mapping, name, standin)
-        assert ALL_ATTENTION_FUNCTIONS.get_interface(name, None) is standin
+        assert ALL_ATTENTION_FUNCTIONS[name] is standin
     return standin
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The decoding tests on tiny models against older transformers releases (issue 8): each release
-# is installed, with the dependencies it pins (huggingface_hub, tokenizers, ...), into its own
-# cached folder that is put in front of the project's environment on PYTHONPATH; torch and the
-# built extension come from the environment (they do not depend on transformers). The newest
+# The decoding and model.generate tests on tiny models against older transformers releases: each
+# release is installed, with the dependencies it pins (huggingface_hub, tokenizers, ...), into its
+# own cached folder that is put in front of the project's environment on PYTHONPATH; torch and
+# the built extension come from the environment (they do not depend on transformers). The newest
 # release is the environment's own and is tested by tests/run.sh.
 #
 #   bash tests/transformers_matrix.sh                    # the releases in RELEASES below
@@ -34,5 +34,6 @@ for version in "${releases[@]}"; do
     "$py" -m pip install -q --target "$target" "transformers==$version"
   fi
   PYTHONPATH="$target" "$py" -c "import transformers; print('transformers', transformers.__version__, 'from', transformers.__file__)"
-  PYTHONPATH="$target" "$py" -m pytest tests/test_decoding_*.py -q -p no:cacheprovider "$@"
+  PYTHONPATH="$target" "$py" -m pytest tests/test_decoding_*.py tests/test_hf_generate.py -q \
+    -p no:cacheprovider "$@"
 done
