@@ -90,3 +90,38 @@ def test_cli_sampling(model_dir):
     )
     assert rc == 0
     assert "not compared token by token" in out.getvalue()
+
+
+def test_cli_calibrate_and_cost_policy(model_dir, monkeypatch):
+    monkeypatch.setenv("CLASP_CACHE", str(model_dir / "cache"))
+    out = io.StringIO()
+    rc = main(
+        ["calibrate", "--model", str(model_dir), "--dtype", "float32", "--max-draft", "3"], out=out
+    )
+    text = out.getvalue()
+    assert rc == 0, text
+    assert "verify ms" in text and "draft step" in text and "DP run" in text
+    assert f"cache: {model_dir / 'cache' / 'cost_tables'}" in text
+    out = io.StringIO()
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "w5 w9 w17 w3",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "12",
+            "--max-draft",
+            "3",
+            "--policy",
+            "cost",
+            "--compare",
+        ],
+        out=out,
+    )
+    assert rc == 0, out.getvalue()
+    assert "outputs identical: yes" in out.getvalue()
+    assert "plain/lookup/layer-skip" in out.getvalue()

@@ -7,10 +7,18 @@ import torch
 from decoding_models import FAMILIES, tiny_model
 
 from clasp_ext.decoding import ClaspDecoder, generate
+from clasp_ext.decoding.cost_model import CostTable
 
 torch.set_num_threads(1)
 
 NEAR_TIE = 1e-4
+
+# Per-round policies: "cost" with a table where verify is flat and a draft step nearly free, so
+# the policy drafts (layer skip and lookup) and its length choices run through the loop.
+POLICIES = {
+    "fixed": {},
+    "cost": {"policy": "cost", "cost_table": CostTable({1: 1.0, 16: 1.0}, 0.05, 0.1)},
+}
 
 
 def hf_greedy(model, ids, max_new_tokens, eos=None):
@@ -53,10 +61,11 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 @torch.no_grad()
-def test_greedy_equals_generate(family, setting):
+def test_greedy_equals_generate(family, setting, policy):
     M, max_draft, thr, interval, strategy = SETTINGS[setting]
     model = tiny_model(family, layers=6, window=8, seed=setting)
     gen = torch.Generator().manual_seed(100 + setting)
@@ -76,6 +85,7 @@ def test_greedy_equals_generate(family, setting):
             max_new_tokens=n_new,
             eos_token_id=[],
             seed=trial,
+            **POLICIES[policy],
         )
         got = out.sequences[0].tolist()
         assert len(got) == T + n_new
@@ -103,9 +113,11 @@ def test_greedy_eager_attention(family):
     assert_lossless(model, out.sequences[0].tolist(), want, 9)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_eos_and_max_new_tokens_exact(family):
+def test_eos_and_max_new_tokens_exact(family, policy):
+    pol = POLICIES[policy]
     model = tiny_model(family, layers=6, seed=11)
     ids = torch.randint(
         3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)
@@ -126,14 +138,17 @@ def test_eos_and_max_new_tokens_exact(family):
             max_draft=max_draft,
             num_skip_layers=2,
             draft_exit_threshold=0.0,
+            **pol,
         )
         assert_lossless(model, out.sequences[0].tolist(), want, 6)
         assert out.sequences[0].tolist().count(eos) == 1
     # list of EOS ids, and exact max_new_tokens for every small budget
-    out = generate(model, ids, max_new_tokens=30, eos_token_id=[12345 % 256, eos], max_draft=5)
+    out = generate(
+        model, ids, max_new_tokens=30, eos_token_id=[12345 % 256, eos], max_draft=5, **pol
+    )
     assert out.sequences[0, -1].item() == eos
     for n in (0, 1, 2, 3, 5, 9):
-        out = generate(model, ids, max_new_tokens=n, eos_token_id=[], max_draft=4)
+        out = generate(model, ids, max_new_tokens=n, eos_token_id=[], max_draft=4, **pol)
         assert out.sequences.shape == (1, 6 + n)
         assert out.sequences[0, 6:].tolist() == free[:n]
 

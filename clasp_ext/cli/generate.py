@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from clasp_ext.cli import models
+from clasp_ext.cli import calibrate, models
 from clasp_ext.cli.models import DTYPES
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"
@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--skip-strategy", default=None, help="dp, static, importance, random or 0,3,5")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--policy",
+        choices=("fixed", "cost"),
+        default=None,
+        help="fixed: always draft (default); cost: per round, draft only where it pays",
+    )
+    calibrate.add_parser(sub)
     return p
 
 
@@ -71,6 +78,7 @@ def _config_overrides(args) -> dict:
         "draft_vocab_size",
         "lookup_ngram",
         "seed",
+        "policy",
     ):
         if getattr(args, name) is not None:
             o[name] = getattr(args, name)
@@ -102,6 +110,8 @@ class _TextStream:
 def main(argv=None, out=None) -> int:
     out = out or sys.stdout
     args = _parser().parse_args(argv)
+    if args.command == "calibrate":
+        return calibrate.run(args, load_model, out)
     from clasp_ext.decoding import ClaspDecoder
 
     model, tok = load_model(args.model, DTYPES[args.dtype], args.device)
@@ -130,7 +140,8 @@ def main(argv=None, out=None) -> int:
     out.write(
         f"\n[clasp] {new} tokens in {t_clasp:.2f} s ({new / max(t_clasp, 1e-9):.1f} tok/s); "
         f"rounds {s.rounds}, tau {s.tau:.2f} tokens/round, acceptance {s.acceptance_rate:.2f}, "
-        f"DP runs {s.dp_runs}, lookup rounds {s.lookup_rounds}, skip {s.skip_layers}\n"
+        f"DP runs {s.dp_runs}, rounds plain/lookup/layer-skip {s.plain_rounds}/"
+        f"{s.lookup_rounds}/{s.layer_skip_rounds}, skip {s.skip_layers}\n"
         f"[clasp] time: prefill {s.time_prefill:.2f} s, draft {s.time_draft:.2f} s, verify "
         f"{s.time_verify:.2f} s, DP {s.time_dp:.2f} s, other {s.time_other:.2f} s; host syncs "
         f"per round {s.host_syncs_per_round:.2f}\n"

@@ -27,6 +27,7 @@ DEFAULT_DRAFT_VOCAB_SIZE = 32768
 # (bench/results/e2e-qwen2.5-coder-1.5b-bf16-lookup) 1.32x over model.generate against 1.10x
 # without, ahead or level on 10 of 12 prompts (2.45x on summarization).
 DEFAULT_LOOKUP_NGRAM = 3
+POLICIES = ("fixed", "cost")
 
 
 def _is_int(x) -> bool:
@@ -62,6 +63,10 @@ class ClaspConfig:
     seed: int | None = None
     skip_strategy: str | Sequence[int] = "dp"
     max_cache_len: int | None = None  # total cache slots; None = sized for the request
+    # "fixed": every round drafts (lookup if it matches, else layer skip) up to max_draft.
+    # "cost": each round picks a plain step, a lookup or a layer-skip draft and its length by
+    # expected tokens per second from a measured cost table (policy.py, cost_model.py).
+    policy: str = "fixed"
 
     def replace(self, **overrides) -> ClaspConfig:
         names = {f.name for f in dataclasses.fields(self)}
@@ -194,6 +199,10 @@ class ClaspConfig:
         need(
             all(_is_int(e) and e >= 0 for e in self.eos_token_id),
             f"eos_token_id must be an int >= 0 or a list of them, got {self.eos_token_id!r}",
+        )
+        need(
+            self.policy in POLICIES,
+            f"policy must be one of {POLICIES}, got {self.policy!r}",
         )
         need(self.seed is None or _is_int(self.seed), f"seed must be an int, got {self.seed!r}")
         need(

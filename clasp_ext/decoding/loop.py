@@ -21,6 +21,7 @@ from torch import Tensor
 from clasp_ext import ops
 from clasp_ext.decoding.adapter import ModelAdapter
 from clasp_ext.decoding.config import ClaspConfig
+from clasp_ext.decoding.cost_model import CostTable, get_cost_table
 from clasp_ext.decoding.draft_head import DraftHead
 from clasp_ext.decoding.kv_cache import ClaspKVCache
 from clasp_ext.decoding.layer_search import (
@@ -30,6 +31,7 @@ from clasp_ext.decoding.layer_search import (
     random_skip_mask,
 )
 from clasp_ext.decoding.lookup import lookup_continuation
+from clasp_ext.decoding.policy import LAYER_SKIP, LOOKUP, PLAIN, CostPolicy
 
 
 @dataclass
@@ -41,6 +43,12 @@ class ClaspStats:
     round_tokens: int = 0  # tokens emitted by verify rounds (excludes the prefill token)
     dp_runs: int = 0
     lookup_rounds: int = 0  # rounds whose draft came from context lookup (no draft forward)
+    layer_skip_rounds: int = 0  # rounds with a layer-skip draft
+    plain_rounds: int = 0  # rounds with no draft: one ordinary decoding step
+    # draft length chosen per round -> number of rounds (layer skip: the most tokens allowed; the
+    # exit threshold may stop it earlier, see drafted)
+    lookup_lengths: dict = field(default_factory=dict)
+    layer_skip_lengths: dict = field(default_factory=dict)
     skip_layers: list = field(default_factory=list)
     importance: list = field(default_factory=list)  # per layer, at the last DP target
     host_syncs: int = 0  # all device->host reads (prefill included)
@@ -110,6 +118,10 @@ def _unchanged(x: Tensor) -> Tensor:
     return x
 
 
+def _count(hist: dict, k: int) -> None:
+    hist[k] = hist.get(k, 0) + 1
+
+
 class ClaspDecoder:
     """Stateful CLaSp decoder for one sequence: ``prefill(ids)`` then ``step()`` until
     ``finished``; ``reset()`` makes it reusable (also after an error).
@@ -122,6 +134,10 @@ class ClaspDecoder:
     exactly that of sampling (or argmax) from the processed full model. ``keep_logits``: collect
     the full model's raw float32 logits [V] behind each emitted token in ``token_logits`` (for
     ``output_scores``); both are off by default and cost nothing then.
+
+    With ``policy="cost"``, ``cost_table`` is the measured cost table the per-round policy uses
+    (``cost_model.get_cost_table``: measured on first use per setup, then cached in memory and on
+    disk); pass one to override it. It is exposed as ``self.cost_table`` (None with "fixed").
     """
 
     def __init__(
@@ -133,6 +149,7 @@ class ClaspDecoder:
         streamer=None,
         logits_processor=None,
         keep_logits: bool = False,
+        cost_table: CostTable | None = None,
         **overrides,
     ):
         if config is None:
@@ -152,6 +169,12 @@ class ClaspDecoder:
         self.keep_logits = keep_logits
         self.device = self.adapter.device
         self.draft_head = DraftHead(self.adapter, self.config.draft_vocab_size)
+        self.cost_table = cost_table
+        c = self.config
+        if c.policy == "cost" and cost_table is None:
+            self.cost_table = get_cost_table(
+                self.adapter, self.draft_head, c.num_skip_layers, c.max_draft + 1
+            )
         self.cache: ClaspKVCache | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()  # no seed: one nondeterministic stream across prefills
@@ -170,6 +193,15 @@ class ClaspDecoder:
         self.stats = ClaspStats()
         self.skip = [False] * self.adapter.num_layers
         self._rounds_since_dp = 0
+        self.policy = None  # fresh acceptance estimates per sequence
+        self._layer_skip_ok = True  # "cost": False when a layer-skip draft is never chosen
+        if c.policy == "cost":
+            # "dp" reruns the DP every update_interval layer-skip rounds: charge each its share
+            dp = self.cost_table.dp_s / c.update_interval if c.skip_strategy == "dp" else 0.0
+            self.policy = CostPolicy(self.cost_table, c.max_draft, dp_s_per_round=dp)
+            self._layer_skip_ok = c.num_skip_layers > 0 and self.policy.may_choose(
+                LAYER_SKIP, c.max_draft
+            )
         self._round_syncs = 0
         if c.seed is not None:  # a fixed seed: every prefill replays the same randomness
             self.generator.manual_seed(c.seed)
@@ -355,7 +387,7 @@ class ClaspDecoder:
         self._t0_dev = first  # [1, 1]
         tok = self._sync(first)[0][0]
         self.stats.time_prefill += time.perf_counter() - t_start
-        if self.config.num_skip_layers > 0:
+        if self.config.num_skip_layers > 0 and self._layer_skip_ok:
             target = torch.stack([h[:, -1] for h in hs], 1)
             self._update_skip(target, T - 1, T, initial=True)
         self.stats.time_total += time.perf_counter() - t_start
@@ -386,6 +418,20 @@ class ClaspDecoder:
         if self.logits_processor is not None:
             ctx = torch.tensor([self.tokens], device=self.device)
         looked_up = lookup_continuation(self.tokens, c.lookup_ngram, k_max)  # [] when off
+        if self.policy is None:  # "fixed": lookup when it matches, else layer skip up to k_max
+            kind = LOOKUP if looked_up else (LAYER_SKIP if k_max > 0 else PLAIN)
+        else:
+            choice = self.policy.choose(k_max, len(looked_up), self._layer_skip_ok)
+            kind = choice.kind
+            looked_up = looked_up[: choice.k] if kind == LOOKUP else []
+            k_max = choice.k if kind == LAYER_SKIP else 0
+        if kind == PLAIN:
+            self.stats.plain_rounds += 1
+        elif kind == LAYER_SKIP:
+            self.stats.layer_skip_rounds += 1
+            _count(self.stats.layer_skip_lengths, k_max)
+        else:
+            _count(self.stats.lookup_lengths, len(looked_up))
         if looked_up:  # a free draft: no forward pass (lookup.py)
             d = torch.tensor([looked_up], dtype=torch.long, device=self.device)
             drafts = list(d.split(1, dim=1))
@@ -430,6 +476,8 @@ class ClaspDecoder:
         self.stats.rounds += 1
         self.stats.drafted += k
         self.stats.accepted += acc
+        if self.policy is not None:
+            self.policy.observe(kind, k, acc)
 
         # ---- EOS / length (exact: never past EOS, never past max_new_tokens)
         for i, tk in enumerate(emitted):
@@ -443,8 +491,9 @@ class ClaspDecoder:
             self.token_logits.extend(raw[0, : len(emitted)].to(torch.float32, copy=True).unbind(0))
         out_tokens = self._emit(emitted)
 
-        # ---- layer optimization
-        self._rounds_since_dp += 1
+        # ---- layer optimization (with "cost", only layer-skip rounds age the skip set)
+        if self.policy is None or kind == LAYER_SKIP:
+            self._rounds_since_dp += 1
         if (
             not self.finished
             and c.skip_strategy in ("dp", "importance")

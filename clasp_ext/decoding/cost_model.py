@@ -1,0 +1,300 @@
+"""A measured cost table of one decoding setup: what a verify forward of T tokens, a layer-skip
+draft step and a skip-set DP run cost on this model, dtype, device and machine.
+
+Whether speculation pays depends on the hardware far more than on the algorithm: on a GPU at batch
+1, or a CPU with bf16 matrix units, verifying 16 tokens costs about one step; on a CPU without them
+it costs 3x (fp32) to 13x (bf16) a step. So the per-round policy (policy.py) decides from timings,
+not assumptions. They are taken once per setup with ``ModelAdapter.forward`` (the forward the loop
+runs) on a scratch cache whose first ``context`` slots stand for a realistic context (their
+contents do not change the cost, so nothing is prefilled), and cached in memory and on disk
+(``$CLASP_CACHE/cost_tables/<key>.json``, default ``~/.cache/clasp_ext``), keyed by everything
+that changes the timings: model shape, dtype, device and its name, attention implementation,
+torch threads, skip count, draft vocabulary, torch version.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from clasp_ext.decoding.layer_search import dp_skip_search
+
+SCHEMA = 1
+DEFAULT_CONTEXT = 128
+DEFAULT_REPEATS = 3
+
+_MEMORY: dict[str, CostTable] = {}
+
+
+@dataclass
+class CostTable:
+    """Seconds per verify forward of T new tokens (``verify_s``, measured at 1, 2, 4, ... and the
+    largest T; ``verify(T)`` interpolates), per layer-skip draft token (``draft_step_s``: the kept
+    layers, the draft head, the exit-threshold read) and per DP run (``dp_s``)."""
+
+    verify_s: dict[int, float]
+    draft_step_s: float
+    dp_s: float
+    setup: dict = field(default_factory=dict)
+    context: int = DEFAULT_CONTEXT
+    repeats: int = 0
+    calibration_s: float = 0.0  # wall time the measurement took
+    path: str | None = None  # where it was read from / written to (not serialised)
+
+    def __post_init__(self):
+        self.verify_s = dict(sorted((int(t), float(s)) for t, s in self.verify_s.items()))
+        if 1 not in self.verify_s:
+            raise ValueError("clasp_ext: a cost table needs verify_s[1] (one plain step)")
+
+    def verify(self, T: int) -> float:
+        """Verify cost of T tokens: linear between the measured T, extrapolated past the largest
+        along the last segment (never downward). Measured dips are kept: on some CPUs a 1-token
+        forward takes a slower matrix-vector path than 2 tokens do (bf16 here: 218 ms vs 172 ms),
+        so verifying one draft token costs less than a plain step."""
+        ts = list(self.verify_s)
+        vs = [self.verify_s[t] for t in ts]
+        if T <= ts[0]:
+            return vs[0]
+        for i in range(1, len(ts)):
+            if T <= ts[i]:
+                return vs[i - 1] + (vs[i] - vs[i - 1]) * (T - ts[i - 1]) / (ts[i] - ts[i - 1])
+        if len(ts) == 1:
+            return vs[0]
+        slope = max(0.0, (vs[-1] - vs[-2]) / (ts[-1] - ts[-2]))
+        return vs[-1] + slope * (T - ts[-1])
+
+    @property
+    def step_s(self) -> float:
+        return self.verify_s[1]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("path")
+        d["schema"] = SCHEMA
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> CostTable:
+        d = json.loads(text)
+        if d.pop("schema", None) != SCHEMA:
+            raise ValueError("clasp_ext: cost table of another schema version")
+        return cls(**d)
+
+    def describe(self) -> str:
+        """The table as text: ms per T and the ratio to one step, draft step, DP."""
+        one = self.step_s
+        lines = [f"{'T':>4} {'verify ms':>10} {'x step':>7}"]
+        lines += [f"{t:>4} {s * 1e3:>10.2f} {s / one:>7.2f}" for t, s in self.verify_s.items()]
+        d, dp = self.draft_step_s, self.dp_s
+        lines.append(
+            f"draft step {d * 1e3:.2f} ms ({d / one:.2f}x), DP run {dp * 1e3:.2f} ms "
+            f"({dp / one:.2f}x)"
+        )
+        lines.append(
+            f"context {self.context} tokens, median of {self.repeats}, calibration took "
+            f"{self.calibration_s:.2f} s ({self.calibration_s / one:.0f} steps' worth)"
+        )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the setup key
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{_cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+    return device.type
+
+
+def setup_of(adapter, draft_head, num_skip: int, max_tokens: int, context: int) -> dict:
+    """Everything the timings depend on (the cache key)."""
+    cfg = adapter.config
+    return dict(
+        model=getattr(cfg, "_name_or_path", "") or type(adapter.model).__name__,
+        model_class=type(adapter.model).__name__,
+        num_layers=adapter.num_layers,
+        hidden_size=adapter.hidden_size,
+        intermediate_size=getattr(cfg, "intermediate_size", None),
+        vocab_size=adapter.vocab_size,
+        dtype=str(adapter.dtype).removeprefix("torch."),
+        device=adapter.device.type,
+        device_name=device_name(adapter.device),
+        attn_implementation=adapter.attn_implementation,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        num_skip=int(num_skip),
+        draft_vocab=draft_head.size,
+        max_tokens=int(max_tokens),
+        context=int(context),
+    )
+
+
+def key_of(setup: dict) -> str:
+    digest = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(setup["model"])).name)[:48] or "model"
+    return f"{name}-{setup['dtype']}-{setup['device']}-{digest}"
+
+
+def cache_path(key: str) -> Path:
+    base = os.environ.get("CLASP_CACHE") or Path.home() / ".cache" / "clasp_ext"
+    return Path(base) / "cost_tables" / f"{key}.json"
+
+
+# ---------------------------------------------------------------------- measurement
+def _median_time(fn, device, repeats: int, warmup: bool = False, cheap_s: float = math.inf):
+    """Median of ``repeats`` timed calls; the faster of two when the first takes more than
+    ``cheap_s`` (an expensive measurement is one that argues clearly against speculating, where
+    precision matters least and repeating costs most; the second call absorbs a first-call cost
+    of a new shape)."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if warmup:  # first-call allocations (the cache buffers) and kernel selection
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+        if len(times) == 2 and times[0] > cheap_s:
+            return min(times)
+    return statistics.median(times)
+
+
+def verify_lengths(max_tokens: int) -> list[int]:
+    """1, 2, 4, ... below ``max_tokens`` / 2, and ``max_tokens`` itself (9 -> 1, 2, 4, 9): doubling
+    keeps the calibration cheap; the policy interpolates between them."""
+    ts, t = [], 1
+    while 2 * t <= max_tokens:
+        ts.append(t)
+        t *= 2
+    return [*ts, max(1, max_tokens)]
+
+
+@torch.inference_mode()
+def calibrate(
+    adapter,
+    draft_head,
+    num_skip: int,
+    max_tokens: int,
+    *,
+    context: int = DEFAULT_CONTEXT,
+    repeats: int = DEFAULT_REPEATS,
+) -> CostTable:
+    """Times verify (every layer + the full head) for T = 1, 2, 4, ... ``max_tokens`` new tokens,
+    one draft step (the last ``num_skip`` layers skipped: the cost depends on the count only) and
+    one DP run, each the median of ``repeats`` (after one warm-up call of the full and the draft
+    forward), or the faster of two calls when one costs over 2 steps. Where verify is flat (GPU,
+    bf16 matrix units) that is about 3 x (number of T + 2) steps; where it grows like T, about
+    3 + 2 x (2 + 4 + ... + max_tokens) steps plus two DP runs (a DP run costs about verify(M)).
+    """
+    t_start = time.perf_counter()
+    L, dev = adapter.num_layers, adapter.device
+    M = int(num_skip)
+    cache = adapter.new_cache(context + max(max_tokens, M) + 2)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, adapter.vocab_size, (1, max_tokens), generator=gen).to(dev)
+
+    def verify(T):
+        h, hs = adapter.forward(ids[:, :T], context, cache, keep_hidden="all")
+        return adapter.head(h).argmax(-1).tolist()  # the loop reads the verdict back too
+
+    skip = [i >= L - M for i in range(L)]
+
+    def draft():
+        h, _ = adapter.forward(ids[:, :1], context, cache, skip=skip)
+        logits = draft_head.logits(h)[:, -1]
+        top1 = logits.float().softmax(-1).amax(-1)  # the exit-threshold read
+        return torch.cat([logits.argmax(-1).double(), top1.double()]).tolist()
+
+    step = _median_time(lambda: verify(1), dev, repeats, warmup=True)
+    cheap = 2 * step
+    verify_s = {1: step}
+    for T in verify_lengths(max_tokens)[1:]:
+        verify_s[T] = _median_time(lambda T=T: verify(T), dev, repeats, cheap_s=cheap)
+    draft_s = _median_time(draft, dev, repeats, warmup=True, cheap_s=cheap)
+    dp_s = 0.0
+    if M > 0:
+        target = torch.randn(1, L + 1, adapter.hidden_size, generator=gen).to(dev, adapter.dtype)
+        dp_s = _median_time(
+            lambda: dp_skip_search(adapter, cache, target, context - 1, context, M).tolist(),
+            dev,
+            repeats,
+            cheap_s=cheap,
+        )
+    return CostTable(
+        verify_s=verify_s,
+        draft_step_s=draft_s,
+        dp_s=dp_s,
+        context=context,
+        repeats=repeats,
+        calibration_s=time.perf_counter() - t_start,
+    )
+
+
+def get_cost_table(
+    adapter,
+    draft_head,
+    num_skip: int,
+    max_tokens: int,
+    *,
+    context: int = DEFAULT_CONTEXT,
+    repeats: int = DEFAULT_REPEATS,
+    refresh: bool = False,
+) -> CostTable:
+    """The setup's table: from memory, else from disk, else measured (and saved). ``refresh``
+    measures again. A table that cannot be written (read-only home) is kept in memory only."""
+    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context)
+    key = key_of(setup)
+    path = cache_path(key)
+    if not refresh:
+        if key in _MEMORY:
+            return _MEMORY[key]
+        try:
+            table = CostTable.from_json(path.read_text())
+            if table.setup == setup:  # a hash collision or a hand-edited file: measure again
+                table.path = str(path)
+                _MEMORY[key] = table
+                return table
+        except (OSError, ValueError, TypeError):
+            pass
+    table = calibrate(adapter, draft_head, num_skip, max_tokens, context=context, repeats=repeats)
+    table.setup = setup
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(table.to_json())
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+        table.path = str(path)
+    except OSError as e:
+        warnings.warn(f"clasp_ext: could not save the cost table to {path}: {e}", stacklevel=2)
+    _MEMORY[key] = table
+    return table

@@ -1,0 +1,176 @@
+"""The measured cost table (cost_model.py) and the per-round policy of ClaspConfig(policy="cost")
+(policy.py): choices at both ends of the hardware range, the running acceptance estimates, the
+disk cache, calibration on a tiny model, and lossless greedy output under the policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from decoding_models import FAMILIES, tiny_model
+from test_decoding_greedy import assert_lossless, hf_greedy
+from test_decoding_lookup import prompt_that_repeats_its_continuation
+
+from clasp_ext.decoding import ClaspDecoder, generate
+from clasp_ext.decoding import cost_model as cm
+from clasp_ext.decoding.cost_model import CostTable
+from clasp_ext.decoding.policy import LAYER_SKIP, LOOKUP, PLAIN, CostPolicy
+
+torch.set_num_threads(1)
+
+MAX_DRAFT = 8
+# verify(T) in units of one step
+FLAT = CostTable({1: 1.0, 2: 1.0, 4: 1.02, 9: 1.05}, draft_step_s=0.2, dp_s=1.0)  # GPU, AMX CPU
+LINEAR = CostTable({1: 1.0, 2: 1.8, 4: 3.4, 9: 7.4}, draft_step_s=0.65, dp_s=8.0)  # AVX2 bf16
+FP32_CPU = CostTable({1: 1.0, 2: 1.13, 4: 1.4, 9: 2.1}, draft_step_s=0.65, dp_s=3.0)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(monkeypatch, tmp_path):
+    """Cost tables go to a test folder and the in-memory cache starts empty."""
+    monkeypatch.setenv("CLASP_CACHE", str(tmp_path))
+    monkeypatch.setattr(cm, "_MEMORY", {})
+
+
+def policy(table, acceptance=None, dp_per_round=0.0):
+    p = CostPolicy(table, MAX_DRAFT, dp_s_per_round=dp_per_round)
+    for kind, a in (acceptance or {}).items():
+        p.acceptance[kind].p = [a] * MAX_DRAFT
+    return p
+
+
+def test_table_interpolates():
+    t = CostTable({1: 1.0, 2: 0.8, 4: 3.0, 8: 5.0}, 0.1, 0.0)
+    assert t.verify(1) == 1.0
+    assert t.verify(2) == 0.8  # a measured dip is kept (a 1-token GEMV path can be slower)
+    assert t.verify(3) == pytest.approx(1.9)
+    assert t.verify(6) == pytest.approx(4.0)
+    assert t.verify(10) == pytest.approx(6.0)  # extrapolated along the last segment
+    assert CostTable({1: 1.0, 4: 0.9}, 0.1, 0.0).verify(9) == 0.9  # never downward
+    # such a dip makes a one-token draft cheaper than a plain step: worth it at any acceptance
+    dip = policy(CostTable({1: 1.0, 2: 0.8, 9: 1.1}, 0.6, 1.0), {LOOKUP: 0.05})
+    assert dip.choose(MAX_DRAFT, lookup_len=3).kind == LOOKUP
+    with pytest.raises(ValueError, match="verify_s"):
+        CostTable({2: 1.0}, 0.1, 0.0)
+
+
+def test_flat_verify_cost_drafts_long_at_high_acceptance():
+    p = policy(FLAT, {LOOKUP: 0.95, LAYER_SKIP: 0.95}, dp_per_round=1.0 / 8)
+    c = p.choose(MAX_DRAFT, lookup_len=0)
+    assert (c.kind, c.k) == (LAYER_SKIP, MAX_DRAFT)
+    c = p.choose(MAX_DRAFT, lookup_len=6)  # a free draft beats one that costs draft steps
+    assert (c.kind, c.k) == (LOOKUP, 6)
+    assert p.choose(3, lookup_len=0).k == 3  # never past the round's limit
+    # at lower acceptance the layer-skip draft gets shorter, then stops paying
+    assert 0 < policy(FLAT, {LAYER_SKIP: 0.7}).choose(MAX_DRAFT, 0).k < MAX_DRAFT
+    assert policy(FLAT, {LAYER_SKIP: 0.15}).choose(MAX_DRAFT, 0).kind == PLAIN
+    # a lookup draft costs no draft steps: even a mediocre one pays when verify is flat
+    assert policy(FLAT, {LOOKUP: 0.3, LAYER_SKIP: 0.1}).choose(MAX_DRAFT, 4).kind == LOOKUP
+
+
+def test_linear_verify_cost_prefers_plain_steps():
+    p = policy(LINEAR)  # the priors
+    assert p.choose(MAX_DRAFT, lookup_len=8).kind == PLAIN
+    assert not p.may_choose(LAYER_SKIP, MAX_DRAFT)  # never chosen: no DP needed
+    assert policy(FLAT).may_choose(LAYER_SKIP, MAX_DRAFT)
+    assert policy(LINEAR, {LAYER_SKIP: 1.0}).choose(MAX_DRAFT, 0).kind == PLAIN
+    assert policy(LINEAR, {LOOKUP: 0.5}).choose(MAX_DRAFT, 8).kind == PLAIN
+    assert policy(LINEAR, {LOOKUP: 0.99}).choose(MAX_DRAFT, 8).kind == LOOKUP  # a copied span
+    # in between (fp32 on such a CPU): short layer-skip drafts only when acceptance is high
+    c = policy(FP32_CPU, {LAYER_SKIP: 0.9}).choose(MAX_DRAFT, 0)
+    assert c.kind == LAYER_SKIP and c.k <= 4
+    assert policy(FP32_CPU, {LAYER_SKIP: 0.4}).choose(MAX_DRAFT, 0).kind == PLAIN
+
+
+def test_running_estimates_follow_observations():
+    p = policy(FP32_CPU, {LAYER_SKIP: 0.9})
+    assert p.choose(MAX_DRAFT, 0).kind == LAYER_SKIP
+    before = list(p.acceptance[LAYER_SKIP].p)
+    p.observe(LAYER_SKIP, drafted=4, accepted=1)
+    after = p.acceptance[LAYER_SKIP].p
+    assert after[0] > before[0] and after[1] < before[1]  # accepted, then rejected
+    assert after[2:] == before[2:]  # never tested: unchanged
+    fresh = policy(LINEAR, {LOOKUP: 0.99})  # a lookup that fails twice is dropped
+    assert fresh.choose(MAX_DRAFT, 8).kind == LOOKUP
+    fresh.observe(LOOKUP, drafted=8, accepted=0)
+    fresh.observe(LOOKUP, drafted=8, accepted=0)
+    assert fresh.choose(MAX_DRAFT, 8).kind == PLAIN
+    for _ in range(20):  # the draft keeps failing at its first token
+        p.observe(LAYER_SKIP, drafted=2, accepted=0)
+    assert p.acceptance[LAYER_SKIP].p[0] < 0.1
+    assert p.choose(MAX_DRAFT, 0).kind == PLAIN
+    # unused sources drift back toward their prior (so they are retried some time)
+    est = p.acceptance[LOOKUP]
+    est.p = [0.0] * MAX_DRAFT
+    p.observe(PLAIN, 0, 0)
+    assert 0.0 < est.p[0] < est.prior[0]
+    assert est.expected_tokens(3, ones=True) == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_disk_cache_round_trips_and_is_keyed_by_setup(tmp_path, monkeypatch):
+    model = tiny_model("llama", layers=3)
+    dec = ClaspDecoder(model, policy="cost", num_skip_layers=1, max_draft=3)
+    table = dec.cost_table
+    path = tmp_path / "cost_tables" / f"{cm.key_of(table.setup)}.json"
+    assert table.path == str(path) and path.exists()
+    on_disk = json.loads(path.read_text())["verify_s"]
+    assert on_disk == {str(k): v for k, v in table.verify_s.items()}
+    assert table.setup["num_layers"] == 3 and table.setup["dtype"] == "float32"
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated again instead of reading the cache")
+
+    monkeypatch.setattr(cm, "calibrate", no_calibration)
+    assert ClaspDecoder(model, policy="cost", num_skip_layers=1, max_draft=3).cost_table is table
+    monkeypatch.setattr(cm, "_MEMORY", {})  # a new process: read back from disk
+    again = ClaspDecoder(model, policy="cost", num_skip_layers=1, max_draft=3).cost_table
+    assert again.verify_s == table.verify_s and again.setup == table.setup
+    assert again.draft_step_s == table.draft_step_s and again.path == table.path
+    # another setup is another key (and would be measured)
+    for other in ({"num_skip_layers": 2}, {"max_draft": 5}):
+        with pytest.raises(AssertionError, match="calibrated again"):
+            ClaspDecoder(model, policy="cost", **{"num_skip_layers": 1, "max_draft": 3, **other})
+    with pytest.raises(AssertionError, match="calibrated again"):
+        ClaspDecoder(model.to(torch.bfloat16), policy="cost", num_skip_layers=1, max_draft=3)
+    assert ClaspDecoder(model, max_draft=3).cost_table is None  # "fixed" measures nothing
+
+
+def test_calibration_on_tiny_model_is_fast_and_sane():
+    model = tiny_model("qwen2", layers=4)
+    dec = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=MAX_DRAFT)
+    t = dec.cost_table
+    assert list(t.verify_s) == [1, 2, 4, MAX_DRAFT + 1]
+    assert all(s > 0 for s in t.verify_s.values()) and t.draft_step_s > 0 and t.dp_s > 0
+    # monotone-ish: timing noise aside, more tokens do not cost much less
+    assert t.verify_s[MAX_DRAFT + 1] > 0.5 * t.verify_s[1]
+    assert t.draft_step_s < 2 * t.verify_s[MAX_DRAFT + 1]
+    assert t.calibration_s < 5.0
+    assert "verify ms" in t.describe()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_cost_policy_is_lossless(family):
+    model = tiny_model(family, layers=6, seed=5)
+    ids = prompt_that_repeats_its_continuation(model)  # a lookup draft is there at round 1
+    want = hf_greedy(model, ids, 28)
+    kw = dict(max_new_tokens=28, eos_token_id=[], num_skip_layers=2, max_draft=5)
+    for table in (FLAT, LINEAR, None):  # None: measured on this model
+        out = generate(model, ids, policy="cost", cost_table=table, draft_exit_threshold=0.0, **kw)
+        assert_lossless(model, out.sequences[0].tolist(), want, ids.shape[1])
+        s = out.stats
+        assert s.plain_rounds + s.lookup_rounds + s.layer_skip_rounds == s.rounds
+        assert s.round_tokens == s.accepted + s.rounds
+        assert sum(s.lookup_lengths.values()) == s.lookup_rounds
+        assert sum(s.layer_skip_lengths.values()) == s.layer_skip_rounds
+        if table is LINEAR:  # nothing can pay: plain steps only, and no DP was run
+            assert s.plain_rounds == s.rounds and s.drafted == 0 and s.dp_runs == 0
+        if table is FLAT:
+            assert s.layer_skip_rounds > 0 and s.lookup_rounds > 0
+
+
+def test_policy_is_validated():
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        generate(model, torch.tensor([[3, 4]]), policy="greedy")
