@@ -39,6 +39,7 @@ import transformers  # noqa: E402
 
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding.adapter import ModelAdapter  # noqa: E402
+from clasp_ext.timing import cpu_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "spec_bench_dev.jsonl"
@@ -111,14 +112,7 @@ def encode(tok, text: str, chat: bool) -> torch.Tensor:
 
 
 def machine_description(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True

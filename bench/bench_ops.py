@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from clasp_ext import build_info, ops, reference  # noqa: E402
 from clasp_ext.ops import OP_NAMES  # noqa: E402
+from clasp_ext.timing import cpu_name  # noqa: E402
 
 IMPLS = ("clasp", "eager", "compiled")
 
@@ -403,24 +404,14 @@ def markdown_table(records, env) -> str:
     return head + "\n".join(lines) + "\n" + note + "\n"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device) -> dict:
     env = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "clasp_build": build_info(),

@@ -21,9 +21,7 @@ import argparse
 import inspect
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # clasp_ext from t
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding import ClaspDecoder  # noqa: E402
 from clasp_ext.decoding.layer_search import dp_skip_search  # noqa: E402
+from clasp_ext.timing import median_time  # noqa: E402
 
 # LLaMA-3-8B's shape (random weights: costs only depend on the shape)
 SHAPES = {
@@ -68,23 +67,9 @@ def random_model(shape: str, dtype, device):
     return model
 
 
-def timer(device: torch.device, fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` (synchronizing a CUDA device around each call)."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timer(device: torch.device, fn, repeats: int) -> float:
+    """Median seconds of ``fn`` after two warm-up calls (clasp_ext.timing)."""
+    return median_time(fn, device, repeats, warmup=2)
 
 
 @torch.inference_mode()

@@ -14,13 +14,10 @@ torch threads, skip count, draft vocabulary, torch version.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import math
 import os
 import re
-import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,6 +26,7 @@ from pathlib import Path
 import torch
 
 from clasp_ext.decoding.layer_search import dp_skip_search
+from clasp_ext.timing import cpu_name, median_time
 
 SCHEMA = 1
 DEFAULT_CONTEXT = 128
@@ -109,24 +107,11 @@ class CostTable:
 
 
 # ---------------------------------------------------------------------- the setup key
-@functools.cache
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"{_cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+        return f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
     return device.type
 
 
@@ -165,30 +150,6 @@ def cache_path(key: str) -> Path:
 
 
 # ---------------------------------------------------------------------- measurement
-def _median_time(fn, device, repeats: int, warmup: bool = False, cheap_s: float = math.inf):
-    """Median of ``repeats`` timed calls; the faster of two when the first takes more than
-    ``cheap_s`` (an expensive measurement is one that argues clearly against speculating, where
-    precision matters least and repeating costs most; the second call absorbs a first-call cost
-    of a new shape)."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    if warmup:  # first-call allocations (the cache buffers) and kernel selection
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-        if len(times) == 2 and times[0] > cheap_s:
-            return min(times)
-    return statistics.median(times)
-
-
 def verify_lengths(max_tokens: int) -> list[int]:
     """1, 2, 4, ... below ``max_tokens`` / 2, and ``max_tokens`` itself (9 -> 1, 2, 4, 9): doubling
     keeps the calibration cheap; the policy interpolates between them."""
@@ -235,16 +196,16 @@ def calibrate(
         top1 = logits.float().softmax(-1).amax(-1)  # the exit-threshold read
         return torch.cat([logits.argmax(-1).double(), top1.double()]).tolist()
 
-    step = _median_time(lambda: verify(1), dev, repeats, warmup=True)
+    step = median_time(lambda: verify(1), dev, repeats, warmup=1)
     cheap = 2 * step
     verify_s = {1: step}
     for T in verify_lengths(max_tokens)[1:]:
-        verify_s[T] = _median_time(lambda T=T: verify(T), dev, repeats, cheap_s=cheap)
-    draft_s = _median_time(draft, dev, repeats, warmup=True, cheap_s=cheap)
+        verify_s[T] = median_time(lambda T=T: verify(T), dev, repeats, cheap_s=cheap)
+    draft_s = median_time(draft, dev, repeats, warmup=1, cheap_s=cheap)
     dp_s = 0.0
     if M > 0:
         target = torch.randn(1, L + 1, adapter.hidden_size, generator=gen).to(dev, adapter.dtype)
-        dp_s = _median_time(
+        dp_s = median_time(
             lambda: dp_skip_search(adapter, cache, target, context - 1, context, M).tolist(),
             dev,
             repeats,
