@@ -24,6 +24,17 @@ for what in ${@:-qwen-bf16 gemma-fp32 gemma-bf16 qwen-bf16-lookup}; do
     gemma-bf16) run gemma-3-270m bfloat16 bf16 ;;
     # the same prompts: context-lookup drafts first (lookup_ngram), against prompt lookup alone
     qwen-bf16-lookup) run qwen2.5-coder-1.5b bfloat16 bf16-lookup ar clasp clasp:lookup_ngram=3 pld ;;
-    *) echo "bench/e2e.sh: unknown run '$what' (qwen-bf16, gemma-fp32, gemma-bf16)" >&2; exit 2 ;;
+    # issue 9: the round policies, with and without int8 draft copies, and layer skip alone
+    qwen-bf16-policy) run qwen2.5-coder-1.5b bfloat16 bf16-policy ar pld \
+      clasp-fixed:draft_weights=original clasp-cost:draft_weights=original \
+      clasp-fixed:draft_weights=int8 clasp-cost:draft_weights=int8 \
+      clasp-cost:draft_weights=int8,lookup_ngram=0 ;;
+    # fp32 is ~3x slower here: one prompt per group, 64 tokens (what bench/results reports)
+    qwen-fp32-policy)
+      step "end-to-end: qwen2.5-coder-1.5b float32 fp32-policy"
+      "$py" bench/bench_e2e.py --model qwen2.5-coder-1.5b --dtype float32 --per-category 1 \
+        --seed 0 --max-new-tokens 64 --methods ar pld clasp clasp-fixed:draft_weights=original \
+        --out bench/results/e2e-qwen2.5-coder-1.5b-fp32-policy ;;
+    *) echo "bench/e2e.sh: unknown run '$what' (qwen-bf16, gemma-fp32, gemma-bf16, qwen-bf16-lookup, qwen-bf16-policy, qwen-fp32-policy)" >&2; exit 2 ;;
   esac
 done

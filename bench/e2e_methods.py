@@ -42,6 +42,8 @@ class MethodResult:
     times: dict = field(default_factory=dict)  # prefill/draft/verify/dp/other seconds (clasp)
     skip_layers: list | None = None
     host_syncs_per_round: float | None = None
+    round_kinds: dict | None = None  # rounds per kind: plain / lookup / short_lookup / layer_skip
+    low_bit_bytes: int | None = None  # memory of the int8 draft copies (draft_weights="int8")
 
 
 # ---------------------------------------------------------------- transformers' methods
@@ -129,14 +131,14 @@ def run_early_exit(model, ids, ctx):
 # ---------------------------------------------------------------- this library
 def _run_clasp(model, ids, ctx: Context, **overrides) -> MethodResult:
     t = time.perf_counter()
-    out = clasp_ext.generate(
+    dec = clasp_ext.ClaspDecoder(
         model,
-        ids,
         max_new_tokens=ctx.max_new_tokens,
         eos_token_id=ctx.eos_token_id,
         temperature=0.0,
         **overrides,
     )
+    out = dec.generate(ids)
     wall = time.perf_counter() - t
     s = out.stats
     return MethodResult(
@@ -157,12 +159,23 @@ def _run_clasp(model, ids, ctx: Context, **overrides) -> MethodResult:
         ),
         skip_layers=list(s.skip_layers),
         host_syncs_per_round=s.host_syncs_per_round,
+        round_kinds=dict(
+            plain=s.plain_rounds,
+            lookup=s.lookup_rounds - s.short_lookup_rounds,
+            short_lookup=s.short_lookup_rounds,
+            layer_skip=s.layer_skip_rounds,
+        ),
+        low_bit_bytes=dec.low_bit_bytes,
     )
 
 
 BUILTIN = {
     "ar": (run_ar, {}),
-    "clasp": (_run_clasp, {}),
+    "clasp": (_run_clasp, {}),  # the library's defaults
+    "clasp-fixed": (_run_clasp, {"policy": "fixed"}),  # every round drafts, up to max_draft
+    "clasp-cost": (_run_clasp, {"policy": "cost"}),  # per-round choice from the cost table
+    "clasp-int8": (_run_clasp, {"draft_weights": "int8"}),  # drafts on int8 weight copies
+    "clasp-layerskip": (_run_clasp, {"lookup_ngram": 0}),  # layer-skip drafts alone
     "clasp-static": (_run_clasp, {"skip_strategy": "static"}),
     "clasp-importance": (_run_clasp, {"skip_strategy": "importance"}),
     "clasp-random": (_run_clasp, {"skip_strategy": "random"}),

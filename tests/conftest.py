@@ -31,6 +31,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cost_tables(tmp_path_factory):
+    """Cost tables (policy="cost", the default, measures one per setup) go to a folder of this
+    test session, never the user's cache: tests see no table an earlier run or a benchmark left."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLASP_COST_TABLES", str(tmp_path_factory.mktemp("cost_tables")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seed(request: pytest.FixtureRequest) -> int:
     """Seeds torch from the test's id: fixed per test, independent of test order."""

@@ -139,6 +139,8 @@ def test_rounds_never_copy_the_cache():
         max_draft=4,
         num_skip_layers=2,
         update_interval=2,
+        skip_strategy="dp",  # DP re-runs too: their scratch slots must not copy either
+        policy="fixed",
     )
     dec.prefill(ids)
     layer_bytes = dec.cache.keys[0].numel() * dec.cache.keys[0].element_size()

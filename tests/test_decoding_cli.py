@@ -10,6 +10,7 @@ from decoding_models import tiny_model
 
 from clasp_ext.cli import generate as cli
 from clasp_ext.cli.generate import main
+from clasp_ext.decoding import cost_model
 
 torch.set_num_threads(1)
 
@@ -94,6 +95,8 @@ def test_cli_sampling(model_dir):
 
 def test_cli_calibrate_and_cost_policy(model_dir, monkeypatch):
     monkeypatch.setenv("CLASP_CACHE", str(model_dir / "cache"))
+    monkeypatch.delenv("CLASP_COST_TABLES", raising=False)
+    monkeypatch.setattr(cost_model, "_MEMORY", {})  # earlier tests measured this setup
     out = io.StringIO()
     rc = main(
         ["calibrate", "--model", str(model_dir), "--dtype", "float32", "--max-draft", "3"], out=out

@@ -7,6 +7,7 @@ import torch
 from decoding_models import FAMILIES, tiny_model
 
 from clasp_ext.decoding import ClaspDecoder, generate
+from clasp_ext.decoding.config import DEFAULT_MAX_LOOKUP
 from clasp_ext.decoding.cost_model import CostTable
 
 torch.set_num_threads(1)
@@ -16,7 +17,7 @@ NEAR_TIE = 1e-4
 # Per-round policies: "cost" with a table where verify is flat and a draft step nearly free, so
 # the policy drafts (layer skip and lookup) and its length choices run through the loop.
 POLICIES = {
-    "fixed": {},
+    "fixed": {"policy": "fixed"},
     "cost": {"policy": "cost", "cost_table": CostTable({1: 1.0, 16: 1.0}, 0.05, 0.1)},
 }
 
@@ -94,7 +95,8 @@ def test_greedy_equals_generate(family, setting, policy):
         assert s.new_tokens == n_new
         assert s.round_tokens == n_new - 1
         assert s.round_tokens == s.accepted + s.rounds
-        assert 0 <= s.accepted <= s.drafted <= max_draft * s.rounds
+        # a lookup draft may be longer than max_draft (up to max_lookup)
+        assert 0 <= s.accepted <= s.drafted <= max(max_draft, DEFAULT_MAX_LOOKUP) * s.rounds
         if M:
             assert len(s.skip_layers) == M
         # one verify read per round, one per draft token only with an exit threshold, one per DP
@@ -208,6 +210,7 @@ def test_update_interval_and_strategies_schedule():
             skip_strategy=strategy,
             update_interval=interval,
             max_draft=3,
+            policy="fixed",  # every round ages the skip set (with "cost" only layer-skip rounds)
         )
         assert_lossless(model, out.sequences[0].tolist(), want, 7)
         s = out.stats
@@ -253,3 +256,37 @@ def test_transformers_streamer_protocol():
     assert rec.puts[0] == ids.tolist()  # the prompt first, like model.generate
     assert sum(rec.puts[1:], []) == out.sequences[0, 5:].tolist()
     assert rec.ends == 1
+
+
+@pytest.mark.parametrize("strategy", ["dp", "static", "importance"])
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_first_search_on_the_first_output_token(family, strategy):
+    """first_dp="first_round": no skip set at prefill; round 1 runs without a layer-skip draft and
+    the first search targets the first output token; output still equals model.generate."""
+    model = tiny_model(family, layers=6, window=8, seed=2)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    want = hf_greedy(model, ids, 20)
+    dec = ClaspDecoder(
+        model,
+        num_skip_layers=2,
+        max_draft=4,
+        draft_exit_threshold=0.0,
+        max_new_tokens=20,
+        eos_token_id=[],
+        lookup_ngram=0,
+        skip_strategy=strategy,
+        first_dp="first_round",
+        policy="fixed",  # round 1 is a plain step; later rounds draft by layer skip
+    )
+    dec.prefill(ids)
+    assert dec.stats.dp_runs == 0 and dec.stats.skip_layers == []
+    dec.step()
+    assert dec.stats.layer_skip_rounds == 0 and dec.stats.plain_rounds == 1
+    assert dec.stats.dp_runs == 1 and len(dec.stats.skip_layers) == 2
+    while not dec.finished:
+        dec.step()
+    assert dec.stats.layer_skip_rounds > 0
+    assert_lossless(model, dec.tokens, want, ids.shape[1])
+    with pytest.raises(ValueError, match="first_dp must be one of"):
+        ClaspDecoder(model, first_dp="later")

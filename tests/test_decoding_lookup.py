@@ -9,25 +9,64 @@ from decoding_models import FAMILIES, tiny_model
 from test_decoding_greedy import POLICIES, assert_lossless, hf_greedy
 
 from clasp_ext.decoding import ClaspDecoder, generate
-from clasp_ext.decoding.lookup import lookup_continuation
+from clasp_ext.decoding.lookup import LookupIndex
 
 torch.set_num_threads(1)
 
 
+def match(tokens, max_ngram, max_tokens, min_ngram=2):
+    index = LookupIndex(max_ngram)
+    index.reset(list(tokens))
+    return index.match(max_tokens, min_ngram)[0]
+
+
+def scan(tokens, max_ngram, max_tokens, min_ngram):
+    """The rule written as the plain backward scan the index replaces (the oracle)."""
+    T = len(tokens)
+    for n in range(min(max_ngram, T - 1), min_ngram - 1, -1):
+        for j in range(T - n - 1, -1, -1):
+            if tokens[j : j + n] == tokens[T - n :]:
+                return tokens[j + n : j + n + max_tokens]
+    return []
+
+
 def test_lookup_rule():
     toks = [5, 6, 7, 8, 9, 1, 6, 7]
-    assert lookup_continuation(toks, 2, 3) == [8, 9, 1]  # [6, 7] occurred at 1..2
-    assert lookup_continuation(toks, 2, 1) == [8]  # capped
-    assert lookup_continuation(toks, 2, 0) == []
+    assert match(toks, 2, 3) == [8, 9, 1]  # [6, 7] occurred at 1..2
+    assert match(toks, 2, 1) == [8]  # capped
+    assert match(toks, 2, 0) == []
     # the longest n-gram wins over a more recent shorter one
     toks = [1, 2, 3, 9, 3, 4, 2, 3]
-    assert lookup_continuation(toks, 2, 2) == [9, 3]  # [2, 3] at 1..2, not [3] at 4
-    assert lookup_continuation(toks, 1, 2) == []  # single-token matches are not used
+    assert match(toks, 2, 2) == [9, 3]  # [2, 3] at 1..2, not [3] at 4
+    assert match(toks, 1, 2) == []  # single-token matches only when asked for
+    assert match(toks, 1, 2, min_ngram=1) == [4, 2]  # [3] most recently at 4
     toks = [1, 2, 3, 1, 2, 4, 1, 2]
-    assert lookup_continuation(toks, 2, 2) == [4, 1]  # the most recent earlier occurrence
-    assert lookup_continuation([1, 2, 3], 3, 4) == []  # nothing repeats
-    assert lookup_continuation([4], 2, 4) == []
-    assert lookup_continuation([1, 1, 1, 1], 3, 4) == [1]  # overlapping occurrence
+    assert match(toks, 2, 2) == [4, 1]  # the most recent earlier occurrence
+    assert match([1, 2, 3], 3, 4, min_ngram=1) == []  # nothing repeats
+    assert match([4], 2, 4, min_ngram=1) == []
+    assert match([1, 1, 1, 1], 3, 4) == [1]  # overlapping occurrence
+    assert match([1, 2, 1, 2], 0, 4, min_ngram=1) == []  # off
+    index = LookupIndex(3)
+    index.reset([1, 2, 3])
+    assert index.match(4, 1) == ([], 0)
+    index._tokens.extend([1, 2])  # the decoder appends to the list it passed; the index catches up
+    assert index.match(4, 1) == ([3, 1, 2], 2)
+
+
+def test_lookup_index_matches_the_scan_on_random_sequences():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        vocab = 2 + trial % 6  # small vocabularies: many repeats and overlaps
+        length = int(torch.randint(1, 40, (1,), generator=gen))
+        toks = torch.randint(0, vocab, (length,), generator=gen).tolist()
+        index = LookupIndex(3)
+        grown: list[int] = []
+        index.reset(grown)
+        for t in toks:  # incrementally, as in decoding, against the scan at every length
+            grown.append(t)
+            for min_ngram in (1, 2):
+                want = scan(grown, 3, 5, min_ngram)
+                assert index.match(5, min_ngram)[0] == want, (grown, min_ngram)
 
 
 def prompt_that_repeats_its_continuation(model) -> torch.Tensor:

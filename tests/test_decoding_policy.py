@@ -15,7 +15,15 @@ from test_decoding_lookup import prompt_that_repeats_its_continuation
 from clasp_ext.decoding import ClaspDecoder, generate
 from clasp_ext.decoding import cost_model as cm
 from clasp_ext.decoding.cost_model import CostTable
-from clasp_ext.decoding.policy import LAYER_SKIP, LOOKUP, PLAIN, CostPolicy
+from clasp_ext.decoding.policy import (
+    LAYER_SKIP,
+    LONG_LOOKUP,
+    LOOKUP,
+    PLAIN,
+    SHORT_LOOKUP,
+    CostPolicy,
+    lookup_source,
+)
 
 torch.set_num_threads(1)
 
@@ -30,13 +38,19 @@ FP32_CPU = CostTable({1: 1.0, 2: 1.13, 4: 1.4, 9: 2.1}, draft_step_s=0.65, dp_s=
 def _cache_dir(monkeypatch, tmp_path):
     """Cost tables go to a test folder and the in-memory cache starts empty."""
     monkeypatch.setenv("CLASP_CACHE", str(tmp_path))
+    monkeypatch.delenv("CLASP_COST_TABLES", raising=False)
     monkeypatch.setattr(cm, "_MEMORY", {})
 
 
-def policy(table, acceptance=None, dp_per_round=0.0):
-    p = CostPolicy(table, MAX_DRAFT, dp_s_per_round=dp_per_round)
+def policy(table, acceptance=None, dp_per_round=0.0, cont=None):
+    """A policy with acceptance ``{source: a}`` at every position; layer-skip drafts go on after
+    each token with probability ``cont`` (None: they never stop themselves, threshold 0)."""
+    p = CostPolicy(table, exit_threshold=cont is not None, dp_s_per_round=dp_per_round)
     for kind, a in (acceptance or {}).items():
-        p.acceptance[kind].p = [a] * MAX_DRAFT
+        est = p.sources[kind].accept
+        est.p = [a] * len(est.p)
+    if cont is not None:
+        p.sources[LAYER_SKIP].cont.p = [cont]
     return p
 
 
@@ -86,26 +100,44 @@ def test_linear_verify_cost_prefers_plain_steps():
 def test_running_estimates_follow_observations():
     p = policy(FP32_CPU, {LAYER_SKIP: 0.9})
     assert p.choose(MAX_DRAFT, 0).kind == LAYER_SKIP
-    before = list(p.acceptance[LAYER_SKIP].p)
-    p.observe(LAYER_SKIP, drafted=4, accepted=1)
-    after = p.acceptance[LAYER_SKIP].p
-    assert after[0] > before[0] and after[1] < before[1]  # accepted, then rejected
-    assert after[2:] == before[2:]  # never tested: unchanged
+    est = p.sources[LAYER_SKIP].accept
+    p.observe(LAYER_SKIP, drafted=4, accepted=3, k_max=4)  # 3 accepted, the 4th rejected
+    # one pooled group for all positions; weights 1/3, 1/4, 1/5, 1/6: 0.9 -> .93 -> .95 -> .96 -> .8
+    assert est.n == [4] and est.p[0] == pytest.approx(0.8)
+    lookup = p.sources[LOOKUP].accept  # two groups: the first position, the rest
+    p.observe(LOOKUP, drafted=6, accepted=2)
+    assert lookup.n == [1, 2] and lookup.p[0] > lookup.prior[0]
     fresh = policy(LINEAR, {LOOKUP: 0.99})  # a lookup that fails twice is dropped
     assert fresh.choose(MAX_DRAFT, 8).kind == LOOKUP
     fresh.observe(LOOKUP, drafted=8, accepted=0)
     fresh.observe(LOOKUP, drafted=8, accepted=0)
     assert fresh.choose(MAX_DRAFT, 8).kind == PLAIN
     for _ in range(20):  # the draft keeps failing at its first token
-        p.observe(LAYER_SKIP, drafted=2, accepted=0)
-    assert p.acceptance[LAYER_SKIP].p[0] < 0.1
+        p.observe(LAYER_SKIP, drafted=2, accepted=0, k_max=8)
+    assert est.p[0] < 0.1
     assert p.choose(MAX_DRAFT, 0).kind == PLAIN
     # unused sources drift back toward their prior (so they are retried some time)
-    est = p.acceptance[LOOKUP]
-    est.p = [0.0] * MAX_DRAFT
+    lookup.p = [0.0, 0.0]
     p.observe(PLAIN, 0, 0)
-    assert 0.0 < est.p[0] < est.prior[0]
-    assert est.expected_tokens(3, ones=True) == [1.0, 2.0, 3.0, 4.0]
+    assert 0.0 < lookup.p[0] < lookup.prior[0]
+    assert [e for e, _ in p.sources[LOOKUP].expected(3, ones=True)] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_exit_threshold_makes_long_drafts_cheap_in_expectation():
+    """A draft that stops itself costs the draft steps it takes, not k's: the expected tokens and
+    cost follow the learned chance that it goes on."""
+    stopping = policy(FLAT, {LAYER_SKIP: 0.9}, cont=0.4).choose(MAX_DRAFT, 0)
+    assert (stopping.kind, stopping.k) == (LAYER_SKIP, MAX_DRAFT)
+    # it drafts ~1.7 tokens on average, so expects fewer tokens per round than a full-length one
+    assert stopping.rate < policy(FLAT, {LAYER_SKIP: 0.9}).choose(MAX_DRAFT, 0).rate
+    src = policy(FLAT, cont=0.7).sources[LAYER_SKIP]
+    e = src.expected(4)
+    assert e[1] == (pytest.approx(1.8), 1.0)  # one token drafted, accepted at 0.8
+    assert e[2][1] == pytest.approx(1.7)  # the second drafted when the first went on
+    src.observe(drafted=2, accepted=2, k_max=8)  # went on after the first, stopped after the 2nd
+    assert src.cont.n == [2] and src.cont.p[0] < 0.7 + 0.5 * 0.3
+    src.observe(drafted=8, accepted=3, k_max=8)  # ran to the limit: no stop observed
+    assert src.cont.n == [9]
 
 
 def test_disk_cache_round_trips_and_is_keyed_by_setup(tmp_path, monkeypatch):
@@ -128,19 +160,21 @@ def test_disk_cache_round_trips_and_is_keyed_by_setup(tmp_path, monkeypatch):
     assert again.verify_s == table.verify_s and again.setup == table.setup
     assert again.draft_step_s == table.draft_step_s and again.path == table.path
     # another setup is another key (and would be measured)
-    for other in ({"num_skip_layers": 2}, {"max_draft": 5}):
+    for other in ({"num_skip_layers": 2}, {"max_lookup": 20}, {"draft_weights": "int8"}):
         with pytest.raises(AssertionError, match="calibrated again"):
             ClaspDecoder(model, policy="cost", **{"num_skip_layers": 1, "max_draft": 3, **other})
     with pytest.raises(AssertionError, match="calibrated again"):
         ClaspDecoder(model.to(torch.bfloat16), policy="cost", num_skip_layers=1, max_draft=3)
-    assert ClaspDecoder(model, max_draft=3).cost_table is None  # "fixed" measures nothing
+    assert ClaspDecoder(model, max_draft=3, policy="fixed").cost_table is None  # measures nothing
 
 
 def test_calibration_on_tiny_model_is_fast_and_sane():
     model = tiny_model("qwen2", layers=4)
-    dec = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=MAX_DRAFT)
+    dec = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=MAX_DRAFT, max_lookup=4)
     t = dec.cost_table
     assert list(t.verify_s) == [1, 2, 4, MAX_DRAFT + 1]
+    # the longest draft of either source is measured: a lookup of 16 verifies 17 tokens
+    assert max(ClaspDecoder(model, policy="cost", num_skip_layers=2).cost_table.verify_s) == 17
     assert all(s > 0 for s in t.verify_s.values()) and t.draft_step_s > 0 and t.dp_s > 0
     # monotone-ish: timing noise aside, more tokens do not cost much less
     assert t.verify_s[MAX_DRAFT + 1] > 0.5 * t.verify_s[1]
@@ -174,3 +208,19 @@ def test_policy_is_validated():
     model = tiny_model("llama", layers=2)
     with pytest.raises(ValueError, match="policy must be one of"):
         generate(model, torch.tensor([[3, 4]]), policy="greedy")
+
+
+def test_longer_matches_are_tried_where_shorter_ones_are_not():
+    """Where verifying costs ~2 steps at once (fp32 on the AVX-512 EPYC: 1, 2.09, 2.08, 2.47 for
+    1, 2, 4, 9 tokens), a 3-gram match's copy is tried, a 2-gram's or a 1-gram's is not; where
+    verifying 2 tokens is cheaper than 1 (bf16 there), even a 1-gram guess pays."""
+    fp32 = CostTable({1: 1.0, 2: 2.09, 4: 2.08, 9: 2.47}, draft_step_s=0.58, dp_s=1.9)
+    p = policy(fp32)
+    assert p.choose(MAX_DRAFT, 8, lookup_kind=LONG_LOOKUP).kind == LONG_LOOKUP
+    assert p.choose(MAX_DRAFT, 8, lookup_kind=LOOKUP).kind == PLAIN
+    assert p.choose(MAX_DRAFT, 8, lookup_kind=SHORT_LOOKUP).kind == PLAIN
+    bf16 = CostTable({1: 1.0, 2: 0.79, 4: 0.87, 9: 1.03}, draft_step_s=0.24, dp_s=0.9)
+    assert policy(bf16).choose(0, 8, lookup_kind=SHORT_LOOKUP).kind == SHORT_LOOKUP
+    assert [lookup_source(n) for n in (1, 2, 3, 5)] == [SHORT_LOOKUP, LOOKUP, LONG_LOOKUP] + [
+        LONG_LOOKUP
+    ]

@@ -47,18 +47,20 @@ def exact_marginals(model, prompt, V, proc):
 
 
 @pytest.mark.parametrize(
-    "family, temperature, top_k, top_p, sharpen, skip, draft_vocab, lookup",
+    "family, temperature, top_k, top_p, sharpen, skip, draft_vocab, lookup, weights",
     [
-        ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 0, 0),
-        ("gemma3", 0.8, 6, 0.9, 1.0, [0, 1, 2], 0, 0),
+        ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 0, 0, "original"),
+        ("gemma3", 0.8, 6, 0.9, 1.0, [0, 1, 2], 0, 0, "original"),
         # the draft scores ids 0..4 and the context's: q is zero on the rest of the vocabulary
-        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 5, 0),
+        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 5, 0, "original"),
         # context lookup drafts first (a point-mass q) wherever the last token occurred before
-        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 0, 2),
+        ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 0, 2, "original"),
+        # the draft on int8 copies of the kept layers and of the draft head (low_bit.py)
+        ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 5, 0, "int8"),
     ],
 )
 def test_first_tokens_distribution(
-    family, temperature, top_k, top_p, sharpen, skip, draft_vocab, lookup
+    family, temperature, top_k, top_p, sharpen, skip, draft_vocab, lookup, weights
 ):
     V = 8
     model = tiny_model(family, layers=4, vocab=V, seed=5)
@@ -81,6 +83,7 @@ def test_first_tokens_distribution(
         top_p=top_p,
         draft_vocab_size=draft_vocab,
         lookup_ngram=lookup,
+        draft_weights=weights,
     )
     dec.generator.manual_seed(1234)
     N = 1500

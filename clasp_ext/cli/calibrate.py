@@ -16,22 +16,27 @@ def add_parser(sub) -> None:
     c.add_argument("--num-skip-layers", type=int, default=None)
     c.add_argument("--skip-ratio", type=float, default=None)
     c.add_argument("--max-draft", type=int, default=None)
+    c.add_argument("--max-lookup", type=int, default=None)
     c.add_argument("--draft-vocab-size", type=int, default=None)
+    c.add_argument("--draft-weights", choices=("original", "int8"), default=None)
     c.add_argument("--refresh", action="store_true", help="measure again, replacing the cache")
 
 
 def run(args, load_model, out) -> int:
     from clasp_ext.decoding import ClaspDecoder
-    from clasp_ext.decoding.cost_model import get_cost_table
 
     model, _ = load_model(args.model, DTYPES[args.dtype], args.device)
-    knobs = ("num_skip_layers", "skip_ratio", "max_draft", "draft_vocab_size")
-    overrides = {k: getattr(args, k) for k in knobs if getattr(args, k) is not None}
-    dec = ClaspDecoder(model, **overrides)  # "fixed": measures nothing; the table is the same
-    c = dec.config
-    table = get_cost_table(
-        dec.adapter, dec.draft_head, c.num_skip_layers, c.max_draft + 1, refresh=args.refresh
+    knobs = (
+        "num_skip_layers",
+        "skip_ratio",
+        "max_draft",
+        "max_lookup",
+        "draft_vocab_size",
+        "draft_weights",
     )
+    overrides = {k: getattr(args, k) for k in knobs if getattr(args, k) is not None}
+    dec = ClaspDecoder(model, **overrides)  # "fixed": measures nothing until asked
+    table = dec.calibrate(refresh=args.refresh)
     s = table.setup
     out.write(
         f"[calibrate] {s['model']} {s['dtype']} on {s['device_name']}, {s['threads']} threads, "

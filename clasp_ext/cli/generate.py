@@ -56,7 +56,20 @@ def _parser() -> argparse.ArgumentParser:
         "--policy",
         choices=("fixed", "cost"),
         default=None,
-        help="fixed: always draft (default); cost: per round, draft only where it pays",
+        help="cost (default): per round, draft only where it pays; fixed: always draft",
+    )
+    g.add_argument("--max-lookup", type=int, default=None, help="longest context-lookup draft")
+    g.add_argument(
+        "--first-dp",
+        choices=("prefill", "first_round"),
+        default=None,
+        help="first skip-set search on the prompt's last token or the first output token",
+    )
+    g.add_argument(
+        "--draft-weights",
+        choices=("original", "int8"),
+        default=None,
+        help="int8: draft steps on int8 copies of the kept layers (verify unchanged)",
     )
     calibrate.add_parser(sub)
     return p
@@ -79,6 +92,9 @@ def _config_overrides(args) -> dict:
         "lookup_ngram",
         "seed",
         "policy",
+        "max_lookup",
+        "first_dp",
+        "draft_weights",
     ):
         if getattr(args, name) is not None:
             o[name] = getattr(args, name)
@@ -137,6 +153,7 @@ def main(argv=None, out=None) -> int:
     out.write("\n")
     s = dec.stats
     new = s.new_tokens
+    low_bit = dec.low_bit_bytes
     out.write(
         f"\n[clasp] {new} tokens in {t_clasp:.2f} s ({new / max(t_clasp, 1e-9):.1f} tok/s); "
         f"rounds {s.rounds}, tau {s.tau:.2f} tokens/round, acceptance {s.acceptance_rate:.2f}, "
@@ -146,6 +163,16 @@ def main(argv=None, out=None) -> int:
         f"{s.time_verify:.2f} s, DP {s.time_dp:.2f} s, other {s.time_other:.2f} s; host syncs "
         f"per round {s.host_syncs_per_round:.2f}\n"
     )
+    if low_bit:
+        out.write(f"[clasp] int8 draft weight copies: {low_bit / 2**20:.0f} MiB\n")
+    if dec.cost_table is not None:
+        t = dec.cost_table
+        out.write(
+            f"[clasp] cost table (policy={dec.config.policy}): calibrated in "
+            f"{t.calibration_s:.1f} s once for this setup, cached at {t.path or '(not saved)'}; "
+            f"verify of 1/{max(t.verify_s)} tokens {t.verify(1) * 1e3:.0f}/"
+            f"{t.verify(max(t.verify_s)) * 1e3:.0f} ms, draft step {t.draft_step_s * 1e3:.0f} ms\n"
+        )
     if not args.compare:
         return 0
     c = dec.config

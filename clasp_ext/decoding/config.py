@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from clasp_ext.decoding.layer_search import STRATEGIES
+from clasp_ext.decoding.low_bit import DRAFT_WEIGHTS
 
 # Defaults chosen by the sweeps in bench/sweep_qwen.sh (Qwen2.5-Coder-1.5B-Instruct bf16, CPU, one
 # Spec-Bench prompt per category group; bench/results/sweep{1,2,3}-*): every knob was compared in
@@ -27,7 +28,12 @@ DEFAULT_DRAFT_VOCAB_SIZE = 32768
 # (bench/results/e2e-qwen2.5-coder-1.5b-bf16-lookup) 1.32x over model.generate against 1.10x
 # without, ahead or level on 10 of 12 prompts (2.45x on summarization).
 DEFAULT_LOOKUP_NGRAM = 3
+# A looked-up continuation costs no draft steps, so it may be longer than a layer-skip draft: 16,
+# where transformers' prompt lookup proposes 10 (its documented value); with policy="cost" the
+# length actually verified is chosen from the cost table and the acceptance seen so far.
+DEFAULT_MAX_LOOKUP = 16
 POLICIES = ("fixed", "cost")
+FIRST_DP = ("prefill", "first_round")
 
 
 def _is_int(x) -> bool:
@@ -53,20 +59,37 @@ class ClaspConfig:
     max_draft: int = 8
     draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD
     update_interval: int = 8
+    # where the first skip-set search targets: "prefill" = the prompt's last token (before any
+    # output); "first_round" = the first output token, after one round drafted without layer skip
+    # (lookup or a plain step), as KnapSpec's CLaSp baseline does
+    first_dp: str = "prefill"
     draft_vocab_size: int | None = None  # draft lm_head over the first N ids + context; 0 = all
     lookup_ngram: int = DEFAULT_LOOKUP_NGRAM  # draft by context lookup first (lookup.py); 0 = off
+    max_lookup: int = DEFAULT_MAX_LOOKUP  # most tokens a lookup draft proposes
     temperature: float | None = None  # 0 = greedy
     top_k: int | None = None  # 0 = off
     top_p: float | None = None  # 1.0 = off
     max_new_tokens: int | None = None
     eos_token_id: int | list[int] | None = None
     seed: int | None = None
-    skip_strategy: str | Sequence[int] = "dp"
+    # "static": one DP, at prefill. On the 12 dev prompts (bf16, AVX-512 EPYC, int8 drafts) it beat
+    # re-running the DP every update_interval rounds ("dp"), 1.79x against 1.60x, ahead in 4 of 6
+    # groups, with the DP at 2.2% of the time instead of 5.2%; KnapSpec's side-by-side found the
+    # same at 64 tokens. first_dp="first_round" was not better (1.52x).
+    skip_strategy: str | Sequence[int] = "static"
     max_cache_len: int | None = None  # total cache slots; None = sized for the request
-    # "fixed": every round drafts (lookup if it matches, else layer skip) up to max_draft.
     # "cost": each round picks a plain step, a lookup or a layer-skip draft and its length by
     # expected tokens per second from a measured cost table (policy.py, cost_model.py).
-    policy: str = "fixed"
+    # "fixed": every round drafts (lookup if it matches, else layer skip) up to max_draft.
+    # "cost" is the default: level with "fixed" where verifying 16 tokens costs ~1.5 steps (bf16
+    # on the AVX-512 EPYC, 12 dev prompts: 1.67x vs 1.69x with int8 drafts, 1.45x vs 1.34x
+    # without) and ahead where verify costs more (fp32 there; bench/results/README.md).
+    policy: str = "cost"
+    # "int8": draft steps run on int8 copies of the kept layers' linear weights and of the draft
+    # head (low_bit.py); verify keeps the model's weights, so the output is unchanged. "auto":
+    # int8 where one layer's linears measured >= 1.25x faster with it at one token (bf16 on an
+    # AVX-512 CPU: 3x; fp32 there: slower, so not), else the model's weights.
+    draft_weights: str = "auto"
 
     def replace(self, **overrides) -> ClaspConfig:
         names = {f.name for f in dataclasses.fields(self)}
@@ -175,6 +198,10 @@ class ClaspConfig:
             f"lookup_ngram must be 0 (off) or an int >= 2, got {self.lookup_ngram!r}",
         )
         need(
+            _is_int(self.max_lookup) and self.max_lookup >= 0,
+            f"max_lookup must be an int >= 0, got {self.max_lookup!r}",
+        )
+        need(
             _is_int(self.update_interval) and self.update_interval >= 1,
             f"update_interval must be an int >= 1, got {self.update_interval!r}",
         )
@@ -204,6 +231,14 @@ class ClaspConfig:
             self.policy in POLICIES,
             f"policy must be one of {POLICIES}, got {self.policy!r}",
         )
+        need(
+            self.first_dp in FIRST_DP,
+            f"first_dp must be one of {FIRST_DP}, got {self.first_dp!r}",
+        )
+        need(
+            self.draft_weights in DRAFT_WEIGHTS,
+            f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}",
+        )
         need(self.seed is None or _is_int(self.seed), f"seed must be an int, got {self.seed!r}")
         need(
             self.max_cache_len is None or (_is_int(self.max_cache_len) and self.max_cache_len > 0),
@@ -213,3 +248,8 @@ class ClaspConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def max_round_draft(self) -> int:
+        """The most draft tokens one round can propose, by either source."""
+        return max(self.max_draft, self.max_lookup if self.lookup_ngram else 0)

@@ -7,13 +7,15 @@ it costs 3x (fp32) to 13x (bf16) a step. So the per-round policy (policy.py) dec
 not assumptions. They are taken once per setup with ``ModelAdapter.forward`` (the forward the loop
 runs) on a scratch cache whose first ``context`` slots stand for a realistic context (their
 contents do not change the cost, so nothing is prefilled), and cached in memory and on disk
-(``$CLASP_CACHE/cost_tables/<key>.json``, default ``~/.cache/clasp_ext``), keyed by everything
+(``$CLASP_CACHE/cost_tables/<key>.json``, default ``~/.cache/clasp_ext``; or the folder
+``$CLASP_COST_TABLES``), keyed by everything
 that changes the timings: model shape, dtype, device and its name, attention implementation,
-torch threads, skip count, draft vocabulary, torch version.
+torch threads, skip count, draft vocabulary, draft weights, torch version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,7 +117,9 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def setup_of(adapter, draft_head, num_skip: int, max_tokens: int, context: int) -> dict:
+def setup_of(
+    adapter, draft_head, num_skip: int, max_tokens: int, context: int, int8_draft=None
+) -> dict:
     """Everything the timings depend on (the cache key)."""
     cfg = adapter.config
     return dict(
@@ -133,6 +137,7 @@ def setup_of(adapter, draft_head, num_skip: int, max_tokens: int, context: int) 
         torch=torch.__version__,
         num_skip=int(num_skip),
         draft_vocab=draft_head.size,
+        draft_weights="original" if int8_draft is None else "int8",
         max_tokens=int(max_tokens),
         context=int(context),
     )
@@ -145,8 +150,12 @@ def key_of(setup: dict) -> str:
 
 
 def cache_path(key: str) -> Path:
-    base = os.environ.get("CLASP_CACHE") or Path.home() / ".cache" / "clasp_ext"
-    return Path(base) / "cost_tables" / f"{key}.json"
+    """``$CLASP_COST_TABLES/<key>.json`` when that is set, else under ``$CLASP_CACHE``."""
+    folder = os.environ.get("CLASP_COST_TABLES")
+    if not folder:
+        base = os.environ.get("CLASP_CACHE") or Path.home() / ".cache" / "clasp_ext"
+        folder = Path(base) / "cost_tables"
+    return Path(folder) / f"{key}.json"
 
 
 # ---------------------------------------------------------------------- measurement
@@ -169,13 +178,16 @@ def calibrate(
     *,
     context: int = DEFAULT_CONTEXT,
     repeats: int = DEFAULT_REPEATS,
+    int8_draft=None,
 ) -> CostTable:
     """Times verify (every layer + the full head) for T = 1, 2, 4, ... ``max_tokens`` new tokens,
     one draft step (the last ``num_skip`` layers skipped: the cost depends on the count only) and
     one DP run, each the median of ``repeats`` (after one warm-up call of the full and the draft
-    forward), or the faster of two calls when one costs over 2 steps. Where verify is flat (GPU,
-    bf16 matrix units) that is about 3 x (number of T + 2) steps; where it grows like T, about
-    3 + 2 x (2 + 4 + ... + max_tokens) steps plus two DP runs (a DP run costs about verify(M)).
+    forward), or the faster of two calls when one costs over 2 steps. The draft step runs on
+    ``int8_draft``'s low-bit copies when one is given (low_bit.py), as the loop's does. Where
+    verify is flat (GPU, bf16 matrix units) that is about 3 x (number of T + 2) steps; where it
+    grows like T, about 3 + 2 x (2 + 4 + ... + max_tokens) steps plus two DP runs (a DP run costs
+    about verify(M)).
     """
     t_start = time.perf_counter()
     L, dev = adapter.num_layers, adapter.device
@@ -191,7 +203,8 @@ def calibrate(
     skip = [i >= L - M for i in range(L)]
 
     def draft():
-        h, _ = adapter.forward(ids[:, :1], context, cache, skip=skip)
+        with int8_draft.active(skip) if int8_draft is not None else contextlib.nullcontext():
+            h, _ = adapter.forward(ids[:, :1], context, cache, skip=skip)
         logits = draft_head.logits(h)[:, -1]
         top1 = logits.float().softmax(-1).amax(-1)  # the exit-threshold read
         return torch.cat([logits.argmax(-1).double(), top1.double()]).tolist()
@@ -229,11 +242,12 @@ def get_cost_table(
     *,
     context: int = DEFAULT_CONTEXT,
     repeats: int = DEFAULT_REPEATS,
+    int8_draft=None,
     refresh: bool = False,
 ) -> CostTable:
     """The setup's table: from memory, else from disk, else measured (and saved). ``refresh``
     measures again. A table that cannot be written (read-only home) is kept in memory only."""
-    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context)
+    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context, int8_draft)
     key = key_of(setup)
     path = cache_path(key)
     if not refresh:
@@ -247,7 +261,15 @@ def get_cost_table(
                 return table
         except (OSError, ValueError, TypeError):
             pass
-    table = calibrate(adapter, draft_head, num_skip, max_tokens, context=context, repeats=repeats)
+    table = calibrate(
+        adapter,
+        draft_head,
+        num_skip,
+        max_tokens,
+        context=context,
+        repeats=repeats,
+        int8_draft=int8_draft,
+    )
     table.setup = setup
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

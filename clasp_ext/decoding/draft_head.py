@@ -19,9 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clasp_ext.decoding.low_bit import Int8Weight, int8_copy
+
 
 class DraftHead:
-    def __init__(self, adapter, size: int):
+    """``int8``: score the first ``size`` rows on an int8 copy (low_bit.py; the context rows keep
+    the model's weights)."""
+
+    def __init__(self, adapter, size: int, int8: bool = False):
         self.adapter = adapter
         head = adapter.lm_head
         self.weight = head.weight
@@ -33,7 +38,18 @@ class DraftHead:
         self._extra: list[int] = []
         self._extra_set: set[int] = set()
         self.ids: Tensor | None = None
+        self._int8 = None
+        if int8 and Int8Weight.supports(self.weight):
+            self._int8 = int8_copy(head, self.size)
         self._rebuild()
+
+    def _bias_rows(self):
+        return self.bias[: self.size] if self.bias is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the low-bit copy (0 without one)."""
+        return self._int8.nbytes if self._int8 is not None else 0
 
     def reset(self, context_ids: list[int], eos_ids: list[int]) -> None:
         self._extra, self._extra_set = [], set()
@@ -67,11 +83,13 @@ class DraftHead:
     def logits(self, hidden: Tensor) -> Tensor:
         """Draft logits [..., num_scored] over ``ids`` (the full [..., V] when disabled)."""
         a = self.adapter
-        if not self.enabled:
+        if not self.enabled and self._int8 is None:
             return a.head(hidden)
         normed = a.final_norm(hidden)
-        b = self.bias[: self.size] if self.bias is not None else None
-        x = F.linear(normed, self.weight[: self.size], b)  # a view of the first rows: no copy
+        if self._int8 is not None:
+            x = self._int8(normed)
+        else:  # a view of the first rows: no copy
+            x = F.linear(normed, self.weight[: self.size], self._bias_rows())
         if self._extra:
             x = torch.cat([x, F.linear(normed, self._w_extra, self._b_extra)], dim=-1)
         return a.softcap(x)

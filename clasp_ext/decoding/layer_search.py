@@ -21,6 +21,8 @@ from torch import Tensor
 from clasp_ext import ops
 
 STRATEGIES = ("dp", "static", "importance", "random")
+# the strategies that choose the skip set from the verified hidden states of a target token
+SEARCHED = ("dp", "static", "importance")
 
 
 @torch.no_grad()

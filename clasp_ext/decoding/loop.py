@@ -12,6 +12,7 @@ does not reproduce the model's own logits.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,13 +26,23 @@ from clasp_ext.decoding.cost_model import CostTable, get_cost_table
 from clasp_ext.decoding.draft_head import DraftHead
 from clasp_ext.decoding.kv_cache import ClaspKVCache
 from clasp_ext.decoding.layer_search import (
+    SEARCHED,
     dp_skip_search,
     explicit_skip_mask,
     importance_skip_mask,
     random_skip_mask,
 )
-from clasp_ext.decoding.lookup import lookup_continuation
-from clasp_ext.decoding.policy import LAYER_SKIP, LOOKUP, PLAIN, CostPolicy
+from clasp_ext.decoding.lookup import LookupIndex
+from clasp_ext.decoding.low_bit import Int8Draft, check_supported, int8_pays
+from clasp_ext.decoding.policy import (
+    LAYER_SKIP,
+    LOOKUP,
+    LOOKUPS,
+    PLAIN,
+    SHORT_LOOKUP,
+    CostPolicy,
+    lookup_source,
+)
 
 
 @dataclass
@@ -43,6 +54,7 @@ class ClaspStats:
     round_tokens: int = 0  # tokens emitted by verify rounds (excludes the prefill token)
     dp_runs: int = 0
     lookup_rounds: int = 0  # rounds whose draft came from context lookup (no draft forward)
+    short_lookup_rounds: int = 0  # of those, drafts from a single-token match ("cost" only)
     layer_skip_rounds: int = 0  # rounds with a layer-skip draft
     plain_rounds: int = 0  # rounds with no draft: one ordinary decoding step
     # draft length chosen per round -> number of rounds (layer skip: the most tokens allowed; the
@@ -168,22 +180,45 @@ class ClaspDecoder:
         self.logits_processor = logits_processor
         self.keep_logits = keep_logits
         self.device = self.adapter.device
-        self.draft_head = DraftHead(self.adapter, self.config.draft_vocab_size)
-        self.cost_table = cost_table
         c = self.config
+        self.int8_draft = None
+        if c.draft_weights == "int8":
+            check_supported(self.device, self.adapter.dtype)
+        if c.draft_weights == "int8" or (
+            c.draft_weights == "auto"
+            and c.num_skip_layers > 0
+            and int8_pays(self.adapter.layers[0])
+        ):
+            self.int8_draft = Int8Draft(self.adapter.layers)
+        int8_head = self.int8_draft is not None
+        self.draft_head = DraftHead(self.adapter, c.draft_vocab_size, int8=int8_head)
+        self.cost_table = cost_table
         if c.policy == "cost" and cost_table is None:
-            self.cost_table = get_cost_table(
-                self.adapter, self.draft_head, c.num_skip_layers, c.max_draft + 1
-            )
+            self.calibrate()
         self.cache: ClaspKVCache | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()  # no seed: one nondeterministic stream across prefills
         self.reset()
 
+    def calibrate(self, refresh: bool = False) -> CostTable:
+        """This setup's cost table (cost_model.get_cost_table: from memory, else disk, else
+        measured; ``refresh`` measures again), kept as ``self.cost_table``."""
+        c = self.config
+        self.cost_table = get_cost_table(
+            self.adapter,
+            self.draft_head,
+            c.num_skip_layers,
+            c.max_round_draft + 1,
+            int8_draft=self.int8_draft,
+            refresh=refresh,
+        )
+        return self.cost_table
+
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         c = self.config
         self.tokens: list[int] = []
+        self.lookup = LookupIndex(c.lookup_ngram)
         self.token_logits: list[Tensor] = []  # with keep_logits: one [V] row per emitted token
         self.prompt_len = 0
         self.finished = True
@@ -193,12 +228,13 @@ class ClaspDecoder:
         self.stats = ClaspStats()
         self.skip = [False] * self.adapter.num_layers
         self._rounds_since_dp = 0
+        self._skip_pending = False  # first_dp="first_round": no skip set until round 1 ends
         self.policy = None  # fresh acceptance estimates per sequence
         self._layer_skip_ok = True  # "cost": False when a layer-skip draft is never chosen
         if c.policy == "cost":
             # "dp" reruns the DP every update_interval layer-skip rounds: charge each its share
             dp = self.cost_table.dp_s / c.update_interval if c.skip_strategy == "dp" else 0.0
-            self.policy = CostPolicy(self.cost_table, c.max_draft, dp_s_per_round=dp)
+            self.policy = CostPolicy(self.cost_table, c.draft_exit_threshold > 0, dp)
             self._layer_skip_ok = c.num_skip_layers > 0 and self.policy.may_choose(
                 LAYER_SKIP, c.max_draft
             )
@@ -226,6 +262,20 @@ class ClaspDecoder:
         """The kept layers on one token: draft logits [1, V] (or over the draft vocabulary)."""
         h, _ = self.adapter.forward(tok, pos, self.cache, skip=self.skip)
         return self.draft_head.logits(h)[:, -1]
+
+    def _draft_weights(self, active: bool):
+        """The low-bit copies in place of the kept layers' weights (draft_weights="int8", or
+        "auto" where they measured faster)."""
+        if not active or self.int8_draft is None:
+            return contextlib.nullcontext()
+        return self.int8_draft.active(self.skip)
+
+    @property
+    def low_bit_bytes(self) -> int:
+        """Memory held by the low-bit draft copies (0 without them)."""
+        if self.int8_draft is None:
+            return 0
+        return self.int8_draft.nbytes + self.draft_head.nbytes
 
     def _probs(self, logits: Tensor) -> Tensor:
         c = self.config
@@ -273,7 +323,7 @@ class ClaspDecoder:
         elif strategy == "random":
             if initial:
                 self.skip = random_skip_mask(L, M, self._cpu_generator())
-        elif strategy in ("dp", "static", "importance"):
+        elif strategy in SEARCHED:
             if not initial and strategy == "static":
                 return
             if strategy == "importance":
@@ -343,14 +393,15 @@ class ClaspDecoder:
         c = self.config
         a = self.adapter
         T = ids.shape[1]
-        headroom = max(c.max_draft, c.num_skip_layers) + 2
+        headroom = max(c.max_round_draft, c.num_skip_layers) + 2
         self.max_new_tokens = c.max_new_tokens
         if c.max_cache_len is not None:
             if T + headroom + 1 > c.max_cache_len:
                 raise ValueError(
                     f"clasp_ext: the prompt of {T} tokens does not fit max_cache_len="
                     f"{c.max_cache_len} (it needs {T + headroom + 1} slots with max_draft="
-                    f"{c.max_draft}, num_skip_layers={c.num_skip_layers})"
+                    f"{c.max_draft}, max_lookup={c.max_lookup}, num_skip_layers="
+                    f"{c.num_skip_layers})"
                 )
             capacity = c.max_cache_len
             self.max_new_tokens = min(c.max_new_tokens, capacity - headroom - T)
@@ -364,6 +415,7 @@ class ClaspDecoder:
         self._round_syncs = 0
         self.prompt_len = T
         self.tokens = ids[0].tolist()
+        self.lookup.reset(self.tokens)  # reads self.tokens as it grows
         self.draft_head.reset(self.tokens, c.eos_token_id)
         if self.streamer is not None:
             self.streamer.put(ids.cpu())
@@ -388,8 +440,11 @@ class ClaspDecoder:
         tok = self._sync(first)[0][0]
         self.stats.time_prefill += time.perf_counter() - t_start
         if self.config.num_skip_layers > 0 and self._layer_skip_ok:
-            target = torch.stack([h[:, -1] for h in hs], 1)
-            self._update_skip(target, T - 1, T, initial=True)
+            if c.first_dp == "first_round" and c.skip_strategy in SEARCHED:
+                self._skip_pending = True
+            else:
+                target = torch.stack([h[:, -1] for h in hs], 1)
+                self._update_skip(target, T - 1, T, initial=True)
         self.stats.time_total += time.perf_counter() - t_start
         return self._emit([tok])
 
@@ -417,13 +472,17 @@ class ClaspDecoder:
         ctx = None
         if self.logits_processor is not None:
             ctx = torch.tensor([self.tokens], device=self.device)
-        looked_up = lookup_continuation(self.tokens, c.lookup_ngram, k_max)  # [] when off
+        lookup_max = min(c.max_lookup, remaining - 1)
+        layer_skip = self._layer_skip_ok and not self._skip_pending
         if self.policy is None:  # "fixed": lookup when it matches, else layer skip up to k_max
-            kind = LOOKUP if looked_up else (LAYER_SKIP if k_max > 0 else PLAIN)
+            looked_up, _ = self.lookup.match(lookup_max, min_ngram=2)  # [] when off
+            kind = LOOKUP if looked_up else (LAYER_SKIP if k_max > 0 and layer_skip else PLAIN)
         else:
-            choice = self.policy.choose(k_max, len(looked_up), self._layer_skip_ok)
+            looked_up, ngram = self.lookup.match(lookup_max, min_ngram=1)
+            source = lookup_source(ngram)
+            choice = self.policy.choose(k_max, len(looked_up), layer_skip, source)
             kind = choice.kind
-            looked_up = looked_up[: choice.k] if kind == LOOKUP else []
+            looked_up = looked_up[: choice.k] if kind in LOOKUPS else []
             k_max = choice.k if kind == LAYER_SKIP else 0
         if kind == PLAIN:
             self.stats.plain_rounds += 1
@@ -432,6 +491,7 @@ class ClaspDecoder:
             _count(self.stats.layer_skip_lengths, k_max)
         else:
             _count(self.stats.lookup_lengths, len(looked_up))
+            self.stats.short_lookup_rounds += kind == SHORT_LOOKUP
         if looked_up:  # a free draft: no forward pass (lookup.py)
             d = torch.tensor([looked_up], dtype=torch.long, device=self.device)
             drafts = list(d.split(1, dim=1))
@@ -439,17 +499,18 @@ class ClaspDecoder:
                 q_all = torch.nn.functional.one_hot(d, self.adapter.vocab_size).float()
                 qs = [q_all[:, i] for i in range(d.shape[1])]
             self.stats.lookup_rounds += 1
-        for j in range(0 if looked_up else k_max):
-            prefix = None if ctx is None else torch.cat([ctx, *drafts], 1)
-            nxt, q, top1 = self._draft_token(tok, n + j, prefix)
-            if q is not None:
-                qs.append(q)
-            drafts.append(nxt)
-            tok = nxt
-            if thr > 0:  # control flow needs the values: one read per draft token
-                tok_id, prob = self._sync(torch.cat([nxt.double().flatten(), top1.double()]))
-                if prob < thr or int(tok_id) in self._eos:
-                    break
+        with self._draft_weights(active=not looked_up and k_max > 0):
+            for j in range(0 if looked_up else k_max):
+                prefix = None if ctx is None else torch.cat([ctx, *drafts], 1)
+                nxt, q, top1 = self._draft_token(tok, n + j, prefix)
+                if q is not None:
+                    qs.append(q)
+                drafts.append(nxt)
+                tok = nxt
+                if thr > 0:  # control flow needs the values: one read per draft token
+                    tok_id, prob = self._sync(torch.cat([nxt.double().flatten(), top1.double()]))
+                    if prob < thr or int(tok_id) in self._eos:
+                        break
         k = len(drafts)
         t2 = time.perf_counter()
         self.stats.time_draft += t2 - t
@@ -477,7 +538,7 @@ class ClaspDecoder:
         self.stats.drafted += k
         self.stats.accepted += acc
         if self.policy is not None:
-            self.policy.observe(kind, k, acc)
+            self.policy.observe(kind, k, acc, k_max)
 
         # ---- EOS / length (exact: never past EOS, never past max_new_tokens)
         for i, tk in enumerate(emitted):
@@ -494,7 +555,11 @@ class ClaspDecoder:
         # ---- layer optimization (with "cost", only layer-skip rounds age the skip set)
         if self.policy is None or kind == LAYER_SKIP:
             self._rounds_since_dp += 1
-        if (
+        if self._skip_pending and not self.finished:  # the first search, on an output token
+            self._skip_pending = False
+            target = torch.stack([h[:, acc] for h in hs], 1)
+            self._update_skip(target, n + acc, n + acc + 1, initial=True)
+        elif (
             not self.finished
             and c.skip_strategy in ("dp", "importance")
             and c.num_skip_layers > 0

@@ -1,33 +1,56 @@
 """The per-round choice of ``ClaspConfig(policy="cost")``: a plain step, a context-lookup draft of
 length k, or a layer-skip draft of at most k tokens, whichever promises the most tokens per second.
 
-A draft of k tokens whose position i is accepted with probability a_i (given positions < i were)
-emits 1 + sum_{j<=k} prod_{i<=j} a_i tokens in expectation and costs k draft steps (none for a
-lookup draft) + one verify forward of k + 1 tokens; a plain step emits 1 token for verify(1). The
-costs come from the measured table (cost_model.py); the a_i are running estimates per draft source
-and position, exponentially weighted from a prior. On hardware where verify(T) grows like T (a
-CPU without bf16 matrix units) no draft can pay and every round is a plain step; where it is flat
-(a GPU at batch 1) long drafts win as soon as acceptance is high. The choice only decides what is
-proposed: the verify pass decides what is emitted, so output is unchanged.
+A draft whose position i is drafted with probability r_i (a layer-skip draft stops itself at the
+exit threshold; a lookup draft always proposes its k tokens) and accepted with probability a_i
+(given it was drafted and positions < i were accepted) emits 1 + sum_i r_i prod_{j<=i} a_j tokens
+in expectation and costs (sum_i r_i) draft steps (none for a lookup draft) + one verify forward of
+that many tokens + 1; a plain step emits 1 token for verify(1). The costs come from the measured
+table (cost_model.py); a and r are running estimates per draft source, exponentially weighted from
+a prior. On hardware where verify(T) grows like T (a CPU without bf16 matrix units) no draft can
+pay and every round is a plain step; where it is flat (a GPU at batch 1) long drafts win as soon as
+acceptance is high. The choice only decides what is proposed: the verify pass decides what is
+emitted, so output is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAIN, LOOKUP, LAYER_SKIP = "plain", "lookup", "layer_skip"
+PLAIN, LAYER_SKIP = "plain", "layer_skip"
+# lookup drafts by the length n of the n-gram that matched: longer matches are more often right
+LONG_LOOKUP, LOOKUP, SHORT_LOOKUP = "long_lookup", "lookup", "short_lookup"  # n >= 3, 2, 1
+LOOKUPS = (LONG_LOOKUP, LOOKUP, SHORT_LOOKUP)
 
-# Priors, (first position, later positions): optimistic enough that a source is tried where it
-# can pay, so the estimates can learn. With the exit threshold a layer-skip draft stops where it
-# is unsure, and the tokens it does propose are mostly accepted. A lookup match's first token is
-# often wrong (a 2-3 token n-gram recurs by chance in chat and maths: 7 of 62 accepted on two
-# Spec-Bench prompts), but once it is right the copy tends to go on. With 0.35 a lookup draft is
-# tried where verifying 9 tokens costs up to ~2.3 steps, not where it costs more.
-PRIORS = {LOOKUP: (0.35, 0.8), LAYER_SKIP: (0.8, 0.8)}
+
+def lookup_source(ngram: int) -> str:
+    return LONG_LOOKUP if ngram >= 3 else LOOKUP if ngram == 2 else SHORT_LOOKUP
+
+
+# Acceptance priors per position group: (first position, later positions), or one value for all
+# positions. Optimistic enough that a source is tried where it can pay, so the estimates can
+# learn. A layer-skip draft's positions are alike (one group, so what the first position teaches
+# applies to all: a policy that drafts one token learns whether longer drafts would pay). A lookup
+# match's first token is often wrong where text does not copy its context (chat, maths: 7 of 62
+# accepted on two Spec-Bench prompts), but once it is right the copy tends to go on. A 3-gram
+# match (0.6) is tried even where verifying 9 tokens costs ~2.5 steps (fp32 on the AVX-512
+# EPYC), so summaries and RAG answers, which copy long spans, get their lookup drafts there; a
+# failed try costs one such verify, and two or three failures drop the source. A 2-gram match
+# (0.35) is tried where verifying 9 tokens costs up to ~2.3 steps; a single-token match (0.15)
+# only where verifying 2 tokens costs at most ~1.1 steps, where a mostly wrong free guess pays.
+PRIORS = {
+    LONG_LOOKUP: (0.6, 0.85),
+    LOOKUP: (0.35, 0.8),
+    SHORT_LOOKUP: (0.15, 0.6),
+    LAYER_SKIP: (0.8,),
+}
+# P(a layer-skip draft goes on after a token): the exit threshold stops it where the draft is
+# unsure, so "at most k tokens" usually drafts fewer than k, and costs that many draft steps.
+CONTINUE_PRIOR = (0.7,)
 RATE = 0.15  # weight of each new observation once warmed up (about the last 7 rounds matter)
-# The first observations of a position weigh 1 / (n + PRIOR_WEIGHT) (the prior counts as this
-# many observations): a draft that fails on its first tries is dropped after two or three rounds,
-# not seven (each failed round costs a verify of k + 1 tokens for one token).
+# The first observations of a group weigh 1 / (n + PRIOR_WEIGHT) (the prior counts as this many
+# observations): a draft that fails on its first tries is dropped after two or three rounds, not
+# seven (each failed round costs a verify of k + 1 tokens for one token).
 PRIOR_WEIGHT = 2
 # Per round a source is not used, its estimates drift back this much toward the prior: a source
 # written off early is retried now and then (text changes), at a bounded cost.
@@ -37,38 +60,73 @@ RELAX = 0.01
 MIN_GAIN = 1.02
 
 
-class Acceptance:
-    """Running P(draft position i accepted | positions < i accepted), i = 0..max_len-1."""
+class Estimate:
+    """A running probability per draft position, pooled in groups: position i reads group
+    min(i, len(prior) - 1)."""
 
-    def __init__(self, max_len: int, prior: tuple, rate: float = RATE, relax: float = RELAX):
-        self.prior = ([prior[0]] + [prior[1]] * (max_len - 1))[:max_len]
+    def __init__(self, prior: tuple, rate: float = RATE, relax: float = RELAX):
+        self.prior = list(prior)
         self.rate, self.relax_rate = rate, relax
         self.p = list(self.prior)
-        self.n = [0] * max_len  # observations per position
+        self.n = [0] * len(self.prior)  # observations per group
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """Positions < accepted were accepted; position ``accepted`` (if drafted) was rejected;
-        later positions were not tested and keep their estimate."""
-        for i in range(min(drafted, accepted + 1, len(self.p))):
-            self.n[i] += 1
-            rate = max(self.rate, 1.0 / (self.n[i] + PRIOR_WEIGHT))
-            self.p[i] += rate * ((1.0 if i < accepted else 0.0) - self.p[i])
+    def at(self, i: int) -> float:
+        return self.p[min(i, len(self.p) - 1)]
+
+    def update(self, i: int, outcome: bool) -> None:
+        g = min(i, len(self.p) - 1)
+        self.n[g] += 1
+        rate = max(self.rate, 1.0 / (self.n[g] + PRIOR_WEIGHT))
+        self.p[g] += rate * ((1.0 if outcome else 0.0) - self.p[g])
 
     def relax(self) -> None:
         self.p = [p + self.relax_rate * (q - p) for p, q in zip(self.p, self.prior, strict=True)]
 
-    def expected_tokens(self, k_max: int, ones: bool = False) -> list[float]:
-        """[E(tokens) for k = 0..k_max]: 1 + sum_{j<=k} prod_{i<=j} a_i (a_i = 1 with ``ones``)."""
-        out, run = [1.0], 1.0
-        for i in range(min(k_max, len(self.p))):
-            run *= 1.0 if ones else self.p[i]
-            out.append(out[-1] + run)
+
+class Source:
+    """What the policy knows about one draft source: P(position i accepted | drafted, positions
+    < i accepted) and, for a draft that stops itself (the layer-skip exit threshold), P(it goes
+    on after position i | position i drafted)."""
+
+    def __init__(self, prior: tuple, stops: bool):
+        self.accept = Estimate(prior)
+        self.cont = Estimate(CONTINUE_PRIOR) if stops else None
+
+    def expected(self, k_max: int, ones: bool = False) -> list[tuple[float, float]]:
+        """[(E tokens emitted, E tokens drafted) for a draft of at most k = 0..k_max tokens] (every
+        position accepted with ``ones``)."""
+        out = [(1.0, 0.0)]
+        emitted, drafted, reach, run = 1.0, 0.0, 1.0, 1.0
+        for i in range(k_max):
+            drafted += reach  # position i is drafted when the draft went on past 0..i-1
+            run *= 1.0 if ones else self.accept.at(i)
+            emitted += reach * run
+            out.append((emitted, drafted))
+            if self.cont is not None:
+                reach *= self.cont.at(i)
         return out
+
+    def observe(self, drafted: int, accepted: int, k_max: int) -> None:
+        """Positions < ``accepted`` were accepted, position ``accepted`` (if drafted) rejected,
+        later ones untested. The draft went on after positions < drafted - 1 and stopped itself
+        after the last one if that came before ``k_max``."""
+        for i in range(min(drafted, accepted + 1)):
+            self.accept.update(i, i < accepted)
+        if self.cont is not None:
+            for i in range(drafted - 1):
+                self.cont.update(i, True)
+            if 0 < drafted < k_max:
+                self.cont.update(drafted - 1, False)
+
+    def relax(self) -> None:
+        self.accept.relax()
+        if self.cont is not None:
+            self.cont.relax()
 
 
 @dataclass
 class Choice:
-    kind: str  # PLAIN, LOOKUP or LAYER_SKIP
+    kind: str  # PLAIN, LAYER_SKIP or one of LOOKUPS
     k: int  # draft length (lookup) or most draft tokens (layer skip); 0 for a plain step
     rate: float  # expected tokens per second
 
@@ -76,35 +134,43 @@ class Choice:
 class CostPolicy:
     """Chooses each round's draft from a ``CostTable`` and the acceptance seen so far.
 
+    ``exit_threshold``: whether layer-skip drafts stop themselves (draft_exit_threshold > 0).
     ``dp_s_per_round``: the skip-set DP's cost spread over the layer-skip rounds it serves
     (dp_s / update_interval), charged to each layer-skip option."""
 
-    def __init__(self, table, max_draft: int, dp_s_per_round: float = 0.0):
+    def __init__(self, table, exit_threshold: bool = True, dp_s_per_round: float = 0.0):
         self.table = table
         self.dp_s_per_round = dp_s_per_round
-        self.acceptance = {kind: Acceptance(max_draft, prior) for kind, prior in PRIORS.items()}
+        self.sources = {
+            kind: Source(prior, stops=exit_threshold and kind == LAYER_SKIP)
+            for kind, prior in PRIORS.items()
+        }
 
-    def _cost(self, kind: str, k: int) -> float:
+    def _cost(self, kind: str, drafted: float) -> float:
+        """Expected seconds of a round that drafts ``drafted`` tokens (an expectation)."""
         if kind == PLAIN:
             return self.table.verify(1)
-        draft = k * self.table.draft_step_s + self.dp_s_per_round if kind == LAYER_SKIP else 0.0
-        return draft + self.table.verify(k + 1)
+        steps = drafted * self.table.draft_step_s + self.dp_s_per_round if kind == LAYER_SKIP else 0
+        return steps + self.table.verify(drafted + 1)
 
     def _best(self, kind: str, k_max: int, ones: bool = False) -> Choice:
-        e = self.acceptance[kind].expected_tokens(k_max, ones)
-        rates = [(e[k] / self._cost(kind, k), k) for k in range(1, len(e))]
+        e = self.sources[kind].expected(k_max, ones)
+        rates = [(e[k][0] / self._cost(kind, e[k][1]), k) for k in range(1, len(e))]
         rate, k = max(rates, default=(0.0, 0))
         return Choice(kind, k, rate)
 
-    def choose(self, k_max: int, lookup_len: int, layer_skip: bool = True) -> Choice:
-        """The best of: a plain step; a lookup draft of 1..min(lookup_len, k_max) of the looked-up
-        tokens; a layer-skip draft of at most 1..k_max tokens (when ``layer_skip``)."""
+    def choose(
+        self, k_max: int, lookup_len: int = 0, layer_skip: bool = True, lookup_kind: str = LOOKUP
+    ) -> Choice:
+        """The best of: a plain step; the first 1..``lookup_len`` looked-up tokens (a draft of
+        source ``lookup_kind``); a layer-skip draft of at most 1..``k_max`` tokens (when
+        ``layer_skip``)."""
         best = Choice(PLAIN, 0, 1.0 / self._cost(PLAIN, 0))
         floor = best.rate * MIN_GAIN
         options = []
         if lookup_len > 0:
-            options.append(self._best(LOOKUP, min(lookup_len, k_max)))
-        if layer_skip:
+            options.append(self._best(lookup_kind, lookup_len))
+        if layer_skip and k_max > 0:
             options.append(self._best(LAYER_SKIP, k_max))
         for c in options:
             if c.k > 0 and c.rate > max(floor, best.rate):
@@ -116,11 +182,12 @@ class CostPolicy:
         start (the priors) it says whether the kind can ever be chosen: its estimates move only
         when it is chosen and otherwise drift back to the prior. If not, the loop need not prepare
         it (no skip-set DP for a draft that never runs)."""
-        return self._best(kind, k_max).rate > self.choose(0, 0).rate * MIN_GAIN
+        return self._best(kind, k_max).rate > self.choose(0).rate * MIN_GAIN
 
-    def observe(self, kind: str, drafted: int, accepted: int) -> None:
-        for source, est in self.acceptance.items():
+    def observe(self, kind: str, drafted: int, accepted: int, k_max: int = 0) -> None:
+        """The round's outcome: ``drafted`` tokens proposed by a draft allowed ``k_max``."""
+        for source, est in self.sources.items():
             if source == kind and drafted > 0:
-                est.observe(drafted, accepted)
+                est.observe(drafted, accepted, k_max)
             else:
                 est.relax()
