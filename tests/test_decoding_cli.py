@@ -93,6 +93,7 @@ def test_cli_sampling(model_dir):
     assert "not compared token by token" in out.getvalue()
 
 
+@pytest.mark.measured_cost_table
 def test_cli_calibrate_and_cost_policy(model_dir, monkeypatch):
     monkeypatch.setenv("CLASP_CACHE", str(model_dir / "cache"))
     monkeypatch.delenv("CLASP_COST_TABLES", raising=False)

@@ -26,6 +26,7 @@ from clasp_ext.decoding.policy import (
 )
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.measured_cost_table
 
 MAX_DRAFT = 8
 # verify(T) in units of one step
