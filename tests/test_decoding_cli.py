@@ -43,54 +43,34 @@ def model_dir(monkeypatch, tmp_path):
     assert seen["args"] == (str(tmp_path), torch.float32, "cpu")
 
 
-def test_cli_generate_compare(model_dir):
+def run_cli(command: str, model_dir, *args: str) -> tuple[int, str]:
+    """``python -m clasp_ext <command> --model <the tiny model> --dtype float32 <args>``:
+    (exit code, printed text)."""
     out = io.StringIO()
-    rc = main(
-        [
-            "generate",
-            "--model",
-            str(model_dir),
-            "--prompt",
-            "w5 w9 w17 w3",
-            "--dtype",
-            "float32",
-            "--max-new-tokens",
-            "16",
-            "--compare",
-            "--max-draft",
-            "3",
-        ],
-        out=out,
+    rc = main([command, "--model", str(model_dir), "--dtype", "float32", *args], out=out)
+    return rc, out.getvalue()
+
+
+def test_cli_generate_compare(model_dir):
+    rc, text = run_cli(
+        "generate",
+        model_dir,
+        *("--prompt", "w5 w9 w17 w3", "--max-new-tokens", "16", "--compare", "--max-draft", "3"),
     )
-    text = out.getvalue()
     assert rc == 0, text
     assert "outputs identical: yes" in text
     assert "tau" in text and "speedup" in text
 
 
 def test_cli_sampling(model_dir):
-    out = io.StringIO()
-    rc = main(
-        [
-            "generate",
-            "--model",
-            str(model_dir),
-            "--prompt",
-            "w5 w9",
-            "--dtype",
-            "float32",
-            "--max-new-tokens",
-            "8",
-            "--temperature",
-            "0.8",
-            "--seed",
-            "3",
-            "--compare",
-        ],
-        out=out,
+    rc, text = run_cli(
+        "generate",
+        model_dir,
+        *("--prompt", "w5 w9", "--max-new-tokens", "8", "--temperature", "0.8", "--seed", "3"),
+        "--compare",
     )
     assert rc == 0
-    assert "not compared token by token" in out.getvalue()
+    assert "not compared token by token" in text
 
 
 @pytest.mark.measured_cost_table
@@ -98,34 +78,16 @@ def test_cli_calibrate_and_cost_policy(model_dir, monkeypatch):
     monkeypatch.setenv("CLASP_CACHE", str(model_dir / "cache"))
     monkeypatch.delenv("CLASP_COST_TABLES", raising=False)
     monkeypatch.setattr(cost_model, "_MEMORY", {})  # earlier tests measured this setup
-    out = io.StringIO()
-    rc = main(
-        ["calibrate", "--model", str(model_dir), "--dtype", "float32", "--max-draft", "3"], out=out
-    )
-    text = out.getvalue()
+    rc, text = run_cli("calibrate", model_dir, "--max-draft", "3")
     assert rc == 0, text
     assert "verify ms" in text and "draft step" in text and "DP run" in text
     assert f"cache: {model_dir / 'cache' / 'cost_tables'}" in text
-    out = io.StringIO()
-    rc = main(
-        [
-            "generate",
-            "--model",
-            str(model_dir),
-            "--prompt",
-            "w5 w9 w17 w3",
-            "--dtype",
-            "float32",
-            "--max-new-tokens",
-            "12",
-            "--max-draft",
-            "3",
-            "--policy",
-            "cost",
-            "--compare",
-        ],
-        out=out,
+    rc, text = run_cli(
+        "generate",
+        model_dir,
+        *("--prompt", "w5 w9 w17 w3", "--max-new-tokens", "12", "--max-draft", "3"),
+        *("--policy", "cost", "--compare"),
     )
-    assert rc == 0, out.getvalue()
-    assert "outputs identical: yes" in out.getvalue()
-    assert "plain/lookup/layer-skip" in out.getvalue()
+    assert rc == 0, text
+    assert "outputs identical: yes" in text
+    assert "plain/lookup/layer-skip" in text

@@ -9,10 +9,8 @@ import time
 
 import torch
 
-from clasp_ext.cli import calibrate, models
+from clasp_ext.cli import calibrate, models, options
 from clasp_ext.cli.models import DTYPES
-
-DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: str):
@@ -22,14 +20,12 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from clasp_ext.decoding.config import FIRST_DP, POLICIES
+
     p = argparse.ArgumentParser(prog="python -m clasp_ext", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text with CLaSp self-speculative decoding")
-    g.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="qwen2.5-coder-1.5b, gemma-3-270m, or a model folder (default %(default)s)",
-    )
+    options.add_model_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -37,16 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--compare", action="store_true", help="also run model.generate and compare")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--num-skip-layers", type=int, default=None)
-    g.add_argument("--skip-ratio", type=float, default=None)
-    g.add_argument("--max-draft", type=int, default=None)
+    options.add_setup_knobs(g)
     g.add_argument("--draft-exit-threshold", type=float, default=None)
     g.add_argument("--update-interval", type=int, default=None)
-    g.add_argument(
-        "--draft-vocab-size", type=int, default=None, help="draft head vocabulary; 0 = full"
-    )
     g.add_argument(
         "--lookup-ngram", type=int, default=None, help="draft by context lookup first; 0 = off"
     )
@@ -54,25 +43,29 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument(
         "--policy",
-        choices=("fixed", "cost"),
+        choices=POLICIES,
         default=None,
         help="cost (default): per round, draft only where it pays; fixed: always draft",
     )
-    g.add_argument("--max-lookup", type=int, default=None, help="longest context-lookup draft")
     g.add_argument(
         "--first-dp",
-        choices=("prefill", "first_round"),
+        choices=FIRST_DP,
         default=None,
         help="first skip-set search on the prompt's last token or the first output token",
     )
-    g.add_argument(
-        "--draft-weights",
-        choices=("original", "int8"),
-        default=None,
-        help="int8: draft steps on int8 copies of the kept layers (verify unchanged)",
-    )
     calibrate.add_parser(sub)
     return p
+
+
+# the ClaspConfig fields only generate takes (calibrate shares options.SETUP_KNOBS)
+_GENERATE_KNOBS = (
+    "draft_exit_threshold",
+    "update_interval",
+    "lookup_ngram",
+    "seed",
+    "policy",
+    "first_dp",
+)
 
 
 def _config_overrides(args) -> dict:
@@ -82,22 +75,8 @@ def _config_overrides(args) -> dict:
         top_k=args.top_k,
         top_p=args.top_p,
     )
-    for name in (
-        "num_skip_layers",
-        "skip_ratio",
-        "max_draft",
-        "draft_exit_threshold",
-        "update_interval",
-        "draft_vocab_size",
-        "lookup_ngram",
-        "seed",
-        "policy",
-        "max_lookup",
-        "first_dp",
-        "draft_weights",
-    ):
-        if getattr(args, name) is not None:
-            o[name] = getattr(args, name)
+    o.update(options.given(args, options.SETUP_KNOBS))
+    o.update(options.given(args, _GENERATE_KNOBS))
     if args.skip_strategy is not None:
         s = args.skip_strategy
         o["skip_strategy"] = [int(x) for x in s.split(",") if x] if s[:1].isdigit() else s

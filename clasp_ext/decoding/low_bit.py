@@ -87,6 +87,12 @@ def int8_copy(linear: nn.Module, rows: int | None = None) -> Int8Weight:
     return hit[1]
 
 
+def int8_linears(layer: nn.Module) -> list[nn.Linear]:
+    """The linears of ``layer`` that get an int8 copy: plain ``nn.Linear`` of a supported shape
+    (subclasses, e.g. quantized or LoRA layers, and other shapes keep their own forward)."""
+    return [m for m in layer.modules() if type(m) is nn.Linear and Int8Weight.supports(m.weight)]
+
+
 _AUTO: dict[tuple, bool] = {}
 
 
@@ -98,7 +104,7 @@ def int8_pays(layer: nn.Module, repeats: int = 7) -> bool:
     an fp32 GEMV there), False."""
     from clasp_ext.timing import median_time
 
-    linears = [m for m in layer.modules() if type(m) is nn.Linear and Int8Weight.supports(m.weight)]
+    linears = int8_linears(layer)
     if not linears:
         return False
     w0 = linears[0].weight
@@ -117,7 +123,7 @@ def int8_pays(layer: nn.Module, repeats: int = 7) -> bool:
             except ValueError:
                 ok = False
         if ok:
-            copies = [Int8Weight(m.weight, m.bias) for m in linears]
+            copies = [int8_copy(m) for m in linears]  # the draft reuses them if int8 pays
             xs = [torch.randn(1, m.in_features, dtype=w0.dtype, device=w0.device) for m in linears]
 
             def original():
@@ -132,6 +138,9 @@ def int8_pays(layer: nn.Module, repeats: int = 7) -> bool:
                 t_orig = median_time(original, w0.device, repeats, warmup=1)
                 t_int8 = median_time(int8, w0.device, repeats, warmup=1)
             ok = t_orig >= AUTO_MIN_SPEEDUP * t_int8
+            if not ok:  # not used: free them
+                for m in linears:
+                    _COPIES.pop(m, None)
         _AUTO[key] = ok
     return _AUTO[key]
 
@@ -160,12 +169,7 @@ class Int8Draft:
 
     def _layer(self, i: int) -> list:
         if i not in self._copies:
-            pairs = []
-            for mod in self.layers[i].modules():
-                # subclasses (quantized, LoRA) and unsupported shapes keep their own forward
-                if type(mod) is nn.Linear and Int8Weight.supports(mod.weight):
-                    pairs.append((mod, int8_copy(mod)))
-            self._copies[i] = pairs
+            self._copies[i] = [(m, int8_copy(m)) for m in int8_linears(self.layers[i])]
         return self._copies[i]
 
     @property
