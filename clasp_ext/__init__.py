@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 # name -> the module it is imported from on first access (these modules import transformers)
 _LAZY_NAMES = {
+    "BatchDecoder": "clasp_ext.decoding",
     "ClaspConfig": "clasp_ext.decoding",
     "ClaspDecoder": "clasp_ext.decoding",
     "ClaspOutput": "clasp_ext.decoding",
@@ -40,6 +41,7 @@ _LAZY_NAMES = {
 _LAZY_SUBMODULES = ("decoding", "hf")
 
 __all__ = [
+    "BatchDecoder",
     "ClaspConfig",
     "ClaspDecoder",
     "ClaspOutput",

@@ -21,7 +21,10 @@ transformers prepared onto a ``ClaspDecoder`` and returns what plain ``generate`
 - Streaming: transformers 4.57+ does not hand ``streamer=`` to a callable (it only puts the
   prompt into it); pass ``clasp_streamer=`` instead (any object with ``put``/``end``, e.g.
   ``TextStreamer``). On 4.56 ``streamer=`` works as well.
-- Batch size 1, no padding, no beam search.
+- Batches: ``input_ids`` [B, T] with a left-padded ``attention_mask`` run through
+  ``batch.generate_batch`` (each row its own sequence, pads after its EOS, as plain generate);
+  there, only temperature/top-k/top-p processors, max-length/EOS stopping and no streamer.
+  No beam search.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from transformers.generation import (
 from transformers.generation import logits_process as _lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
+from clasp_ext.decoding.batch import generate_batch
 from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.loop import ClaspDecoder
 
@@ -127,7 +131,7 @@ def generate(
             "model.generate(input_ids, custom_generate=clasp_ext.hf.generate, ...), or "
             "clasp_ext.generate(model, input_ids) directly"
         )
-    _check_request(input_ids, gc, synced_gpus, model_kwargs)
+    mask = _check_request(input_ids, gc, synced_gpus, model_kwargs)
     if streamer is not None and clasp_streamer is not None:
         raise ValueError("clasp_ext.hf.generate: pass streamer or clasp_streamer, not both")
     processors = logits_processor if logits_processor is not None else LogitsProcessorList()
@@ -171,6 +175,31 @@ def generate(
     )
     output_scores = bool(gc.return_dict_in_generate and gc.output_scores)
     output_logits = bool(gc.return_dict_in_generate and getattr(gc, "output_logits", False))
+    padded = mask is not None and not bool((mask == 1).all())
+    if input_ids.shape[0] > 1 or padded:
+        unsupported = [
+            name
+            for name, used in (
+                ("logits processors other than temperature/top_k/top_p", hook is not None),
+                ("stopping criteria other than max length and EOS", bool(other_criteria)),
+                ("output_scores / output_logits", output_scores or output_logits),
+                ("streamer / clasp_streamer", streamer is not None or clasp_streamer is not None),
+            )
+            if used
+        ]
+        if unsupported:
+            raise ValueError(
+                f"clasp_ext.hf.generate: with a batch (batch size {input_ids.shape[0]}) or "
+                f"padding, {', '.join(unsupported)} are not supported yet; call generate once "
+                "per prompt for them"
+            )
+        out = generate_batch(
+            model, input_ids, config, attention_mask=mask, pad_token_id=gc.pad_token_id
+        )
+        sequences = out.sequences.to(input_ids.device)
+        if gc.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        return sequences
     dec = ClaspDecoder(
         model, config, logits_processor=hook, keep_logits=output_scores or output_logits
     )
@@ -217,8 +246,9 @@ def generate(
     return sequences
 
 
-def _check_request(input_ids, gc, synced_gpus, model_kwargs) -> None:
-    """Refuses, with what to do instead, what CLaSp cannot do as plain generate would."""
+def _check_request(input_ids, gc, synced_gpus, model_kwargs):
+    """Refuses, with what to do instead, what CLaSp cannot do as plain generate would; returns
+    the attention mask (or None)."""
 
     def refuse(msg: str):
         raise ValueError(f"clasp_ext.hf.generate: {msg}")
@@ -241,20 +271,14 @@ def _check_request(input_ids, gc, synced_gpus, model_kwargs) -> None:
         refuse("synced_gpus (FSDP / DeepSpeed ZeRO-3) is not supported")
     if "inputs_embeds" in model_kwargs or input_ids.shape[1] == 0:
         refuse("inputs_embeds are not supported; pass input_ids")
-    if input_ids.shape[0] != 1:
-        refuse(
-            f"batch size {input_ids.shape[0]}: batched decoding is not supported yet; CLaSp "
-            "decodes one sequence (call generate once per prompt)"
-        )
     mask = model_kwargs.pop("attention_mask", None)
-    if mask is not None and not bool((mask == 1).all()):
-        refuse(
-            "the attention_mask has padding (zeros); CLaSp decodes one unpadded sequence: pass "
-            "the prompt without padding (or an all-ones mask)"
-        )
     pos = model_kwargs.pop("position_ids", None)
-    if pos is not None and not torch.equal(pos.cpu().flatten(), torch.arange(pos.numel())):
-        refuse("custom position_ids are not supported (positions are 0..T-1)")
+    if pos is not None:  # transformers derives them from the mask: 0.. over each row's tokens
+        m = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.device)
+        want = m.long().cumsum(-1) - 1
+        pos = pos.to(input_ids.device).expand_as(input_ids)
+        if not torch.equal(pos[m == 1], want[m == 1]):
+            refuse("custom position_ids are not supported (positions are 0.. over each prompt)")
     for name in _CACHE_KWARGS:
         cache = model_kwargs.pop(name, None)
         if cache is not None and cache.get_seq_length() > 0:
@@ -263,6 +287,7 @@ def _check_request(input_ids, gc, synced_gpus, model_kwargs) -> None:
         model_kwargs.pop(name, None)
     if model_kwargs:
         refuse(f"model kwargs {sorted(model_kwargs)} are not supported")
+    return mask
 
 
 def _split_criteria(criteria, gc):

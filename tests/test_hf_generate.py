@@ -234,11 +234,14 @@ def test_refusals():
         with pytest.raises(ValueError, match=match):
             model.generate(inputs, max_new_tokens=4, custom_generate=custom_generate, **kw)
 
-    refused("batched decoding is not supported yet", inputs=ids.repeat(2, 1))
     refused("batched decoding is not supported yet", do_sample=True, num_return_sequences=2)
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    refused("padding", attention_mask=mask)
+    refused("with a batch .* logits processors", inputs=ids.repeat(2, 1), repetition_penalty=1.2)
+    refused(
+        "with a batch .* output_scores",
+        inputs=ids.repeat(2, 1),
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     refused("UnbatchedClassifierFreeGuidanceLogitsProcessor.*guidance_scale", guidance_scale=1.5)
     refused("Custom is not supported", logits_processor=LogitsProcessorList([Custom()]))
     refused("beam search", num_beams=2)
@@ -308,3 +311,32 @@ def test_sampling_distribution(monkeypatch):
         torch.cat([p23[~rare], p23[rare].sum()[None]]),
         "tokens 2, 3",
     )
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma3"))
+@torch.no_grad()
+def test_left_padded_batch(family):
+    """A left-padded batch through model.generate(custom_generate=...): each row as plain
+    generate's on that prompt alone (near-ties aside), pads after a row's EOS, same shape."""
+    model = tiny_model(family, layers=6, seed=8)
+    lens = (4, 11, 7)
+    T = max(lens)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    rows = []
+    for b, n in enumerate(lens):
+        rows.append(prompt(n, 20 + b))
+        ids[b, T - n :], mask[b, T - n :] = rows[-1][0], 1
+    kw = dict(do_sample=False, max_new_tokens=16, pad_token_id=0)
+    got = model.generate(ids, attention_mask=mask, custom_generate=clasp(), **kw)
+    want = model.generate(ids, attention_mask=mask, **kw)
+    assert got.shape[0] == 3 and torch.equal(got[:, :T], ids)
+    for b, row in enumerate(rows):
+        alone = model.generate(row, **kw)[0].tolist()
+        new = got[b, T:].tolist()
+        n_new = len(alone) - lens[b]
+        assert_lossless(model, row[0].tolist() + new[:n_new], alone, lens[b])
+        assert all(x == 0 for x in new[n_new:])
+    # no column of pads only past the longest row (plain generate stops when every row is done)
+    assert (got[:, -1] != 0).any()
+    assert got.shape[1] <= T + 16 and want.shape[1] <= T + 16

@@ -1,10 +1,12 @@
-"""CLaSp decoding for Hugging Face decoder-only causal LMs (batch size 1).
+"""CLaSp decoding for Hugging Face decoder-only causal LMs: one sequence (loop.py) or a batch
+with continuous batching (batch.py).
 
 Public names (re-exported from ``clasp_ext``): ClaspConfig, ClaspDecoder, ClaspOutput, ClaspStats,
-generate.
+BatchDecoder, generate.
 """
 
 from clasp_ext.decoding.adapter import ModelAdapter, UnsupportedModelError
+from clasp_ext.decoding.batch import BatchDecoder, BatchOutput, Finished, generate_batch
 from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.kv_cache import ClaspKVCache
 from clasp_ext.decoding.loop import (
@@ -16,6 +18,9 @@ from clasp_ext.decoding.loop import (
 )
 
 __all__ = [
+    "BatchDecoder",
+    "BatchOutput",
+    "Finished",
     "ClaspConfig",
     "ClaspDecoder",
     "ClaspKVCache",
@@ -24,5 +29,6 @@ __all__ = [
     "ModelAdapter",
     "UnsupportedModelError",
     "generate",
+    "generate_batch",
     "process_logits",
 ]

@@ -384,35 +384,49 @@ class ModelAdapter:
     def head(self, hidden: Tensor) -> Tensor:
         return self.logits_from_normed(self.final_norm(hidden))
 
-    def new_cache(self, capacity: int) -> ClaspKVCache:
-        return ClaspKVCache(self.num_layers, capacity)
+    def new_cache(self, capacity: int, batch: int | None = None) -> ClaspKVCache:
+        return ClaspKVCache(self.num_layers, capacity, batch=batch)
 
     def forward(
         self,
         ids: Tensor,
-        start: int,
+        start: int | Tensor,
         cache,
         skip: list[bool] | None = None,
         keep_hidden: str | None = None,
+        kv_len: int | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """The one layer-by-layer forward: ``ids`` [B, T] at positions ``start .. start + T - 1``
         over cache slots [0, start) (writing [start, start + T)), running the layers not marked in
         ``skip``. Returns (the last layer's output h [B, T, d] before the final norm, hidden
         states): with ``keep_hidden="all"`` [h_0 .. h_L], with ``"last"`` the same at the last
-        position only, else []."""
+        position only, else [].
+
+        Ragged batches (batch.py): ``start`` a device tensor [B] of per-row positions, and
+        ``kv_len`` > every row's last position: row b's queries sit at ``start[b] ..`` and see its
+        own slots up to themselves (``row_masks``). Those masks are arbitrary 4-D masks, so a
+        flash-attention model runs this call through sdpa (``masked_attention``)."""
         T = ids.shape[1]
-        pos = torch.arange(start, start + T, device=ids.device)  # a kernel, not a host copy
+        steps = torch.arange(T, device=ids.device)  # a kernel, not a host copy
         h = self.embed(ids)
-        pe = self.position_embeddings(h, pos[None])
-        masks = self.causal_masks(pos, start + T)
-        cache.set_write(start)
+        if isinstance(start, Tensor):
+            pos_ids = start[:, None].long() + steps
+            masks = self.row_masks(pos_ids, kv_len)
+            attention = self.masked_attention()
+        else:
+            pos_ids = (start + steps)[None]
+            masks = self.causal_masks(pos_ids[0], start + T)
+            attention = contextlib.nullcontext()
+        pe = self.position_embeddings(h, pos_ids)
+        cache.set_write(start, kv_len)
         keep = (lambda x: x) if keep_hidden == "all" else (lambda x: x[:, -1:])
         hs = [keep(h)] if keep_hidden else []
-        for i in range(self.num_layers):
-            if skip is None or not skip[i]:
-                h = self.run_layer(i, h, pos[None], pe, masks, cache)
-            if keep_hidden:
-                hs.append(keep(h))
+        with attention:
+            for i in range(self.num_layers):
+                if skip is None or not skip[i]:
+                    h = self.run_layer(i, h, pos_ids, pe, masks, cache)
+                if keep_hidden:
+                    hs.append(keep(h))
         return h, hs
 
     # ------------------------------------------------------------------ masks
@@ -443,6 +457,21 @@ class ModelAdapter:
             if w is not None:
                 allowed = allowed & (slots[None, :] > q - w)
             masks[w] = self._to_attn_mask(allowed, self.attn_implementation)
+        return masks
+
+    def row_masks(self, q_positions: Tensor, kv_len: int) -> dict[int | None, Tensor]:
+        """Masks [B, 1, T, kv_len] for a ragged batch: row b's queries at ``q_positions[b]``
+        see that row's slots up to their own position (within the window), nothing past it, so
+        slots another row's longer sequence reaches are hidden. For
+        ``masked_attn_implementation`` (the forward runs inside ``masked_attention()``)."""
+        slots = torch.arange(kv_len, device=q_positions.device)
+        q = q_positions[:, :, None]
+        masks = {}
+        for w in set(self.windows):
+            allowed = slots <= q
+            if w is not None:
+                allowed = allowed & (slots > q - w)
+            masks[w] = self._to_attn_mask(allowed, self.masked_attn_implementation)[0, 0][:, None]
         return masks
 
     def candidate_masks(

@@ -118,11 +118,13 @@ def device_name(device: torch.device) -> str:
 
 
 def setup_of(
-    adapter, draft_head, num_skip: int, max_tokens: int, context: int, int8_draft=None
+    adapter, draft_head, num_skip: int, max_tokens: int, context: int, int8_draft=None, batch=1
 ) -> dict:
     """Everything the timings depend on (the cache key)."""
     cfg = adapter.config
+    rows = {"batch": int(batch)} if batch > 1 else {}  # batch-1 keys as before batches existed
     return dict(
+        **rows,
         model=getattr(cfg, "_name_or_path", "") or type(adapter.model).__name__,
         model_class=type(adapter.model).__name__,
         num_layers=adapter.num_layers,
@@ -179,6 +181,7 @@ def calibrate(
     context: int = DEFAULT_CONTEXT,
     repeats: int = DEFAULT_REPEATS,
     int8_draft=None,
+    batch: int = 1,
 ) -> CostTable:
     """Times verify (every layer + the full head) for T = 1, 2, 4, ... ``max_tokens`` new tokens,
     one draft step (the last ``num_skip`` layers skipped: the cost depends on the count only) and
@@ -188,13 +191,17 @@ def calibrate(
     verify is flat (GPU, bf16 matrix units) that is about 3 x (number of T + 2) steps; where it
     grows like T, about 3 + 2 x (2 + 4 + ... + max_tokens) steps plus two DP runs (a DP run costs
     about verify(M)).
+
+    ``batch`` > 1 (batch.py): the same forwards on ``batch`` rows at once, T new tokens per row
+    (verify_s[T] is then the cost of T tokens for every row); no DP run is timed, since a batch
+    runs the DP per sequence, once, when it joins (dp_s = 0).
     """
     t_start = time.perf_counter()
     L, dev = adapter.num_layers, adapter.device
     M = int(num_skip)
     cache = adapter.new_cache(context + max(max_tokens, M) + 2)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, adapter.vocab_size, (1, max_tokens), generator=gen).to(dev)
+    ids = torch.randint(0, adapter.vocab_size, (batch, max_tokens), generator=gen).to(dev)
 
     def verify(T):
         h, hs = adapter.forward(ids[:, :T], context, cache, keep_hidden="all")
@@ -216,7 +223,7 @@ def calibrate(
         verify_s[T] = median_time(lambda T=T: verify(T), dev, repeats, cheap_s=cheap)
     draft_s = median_time(draft, dev, repeats, warmup=1, cheap_s=cheap)
     dp_s = 0.0
-    if M > 0:
+    if M > 0 and batch == 1:
         target = torch.randn(1, L + 1, adapter.hidden_size, generator=gen).to(dev, adapter.dtype)
         dp_s = median_time(
             lambda: dp_skip_search(adapter, cache, target, context - 1, context, M).tolist(),
@@ -243,11 +250,12 @@ def get_cost_table(
     context: int = DEFAULT_CONTEXT,
     repeats: int = DEFAULT_REPEATS,
     int8_draft=None,
+    batch: int = 1,
     refresh: bool = False,
 ) -> CostTable:
     """The setup's table: from memory, else from disk, else measured (and saved). ``refresh``
     measures again. A table that cannot be written (read-only home) is kept in memory only."""
-    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context, int8_draft)
+    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context, int8_draft, batch)
     key = key_of(setup)
     path = cache_path(key)
     if not refresh:
@@ -269,6 +277,7 @@ def get_cost_table(
         context=context,
         repeats=repeats,
         int8_draft=int8_draft,
+        batch=batch,
     )
     table.setup = setup
     try:

@@ -12,6 +12,15 @@ slots and returns views of the buffer.
 The decoder layers' attention calls ``cache.update(key, value, layer_idx, ...)``; the caller sets
 the first slot to write with ``set_write(start)`` before running the layers, and ``update`` writes
 ``[start, start + T)`` and returns the view ``[0, start + T)``.
+
+Batches (batch.py): the buffers hold ``batch`` rows, one sequence each, and rows are ragged: row b's
+slot s holds position s of that row's sequence, whatever the other rows' lengths (no padding in the
+cache; every row is prefilled on its own through ``row(b)``, a view that reads and writes row b
+only). A round over all rows calls ``set_write(starts, kv_len)`` with one first slot per row (a
+device tensor [B]): ``update`` scatters each row's T new K/V to its own slots and returns the view
+``[0, kv_len)`` of every row; the attention masks (adapter.row_masks) hide what lies past each
+row's own queries. ``move_row`` copies a row onto another (batch.py keeps the live rows in
+``[0, B)`` when a sequence leaves).
 """
 
 from __future__ import annotations
@@ -22,21 +31,31 @@ from transformers.cache_utils import Cache
 
 
 class ClaspKVCache(Cache):
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, batch: int | None = None):
         super().__init__(layers=[])
         if capacity <= 0:
             raise ValueError(f"clasp_ext: KV cache capacity must be positive, got {capacity}")
         self.num_layers = num_layers
         self.capacity = capacity
+        self.batch = batch  # rows of the buffers; None = the batch of the first write
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.committed = 0
         self._start = 0
+        self._row_starts: Tensor | None = None  # per-row first slots of a batched write
+        self._kv_len = 0
         self.writes = [0] * num_layers  # update() calls per layer (self-check, tests and stats)
 
     # -------------------------------------------------------------- write position / rollback
-    def set_write(self, start: int) -> None:
-        self._start = int(start)
+    def set_write(self, start: int | Tensor, kv_len: int | None = None) -> None:
+        """The next forward writes at ``start``: one slot for every row, or a device tensor [B]
+        of per-row first slots, then with ``kv_len`` the length of the view attention gets."""
+        if isinstance(start, Tensor):
+            if kv_len is None:
+                raise ValueError("clasp_ext: a per-row write needs kv_len")
+            self._row_starts, self._kv_len = start, int(kv_len)
+        else:
+            self._row_starts, self._start = None, int(start)
 
     def rollback(self, length: int) -> None:
         """Set the committed length (no data moves)."""
@@ -51,6 +70,7 @@ class ClaspKVCache(Cache):
     def _buffer(self, store: list, layer_idx: int, states: Tensor) -> Tensor:
         buf = store[layer_idx]
         B, H, _, D = states.shape
+        B = self.batch or B
         if buf is None or buf.shape != (B, H, self.capacity, D) or buf.dtype != states.dtype:
             buf = torch.zeros(
                 (B, H, self.capacity, D), dtype=states.dtype, device=states.device
@@ -60,6 +80,8 @@ class ClaspKVCache(Cache):
 
     # -------------------------------------------------------------- transformers Cache API
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if self._row_starts is not None:
+            return self._update_rows(key_states, value_states, layer_idx)
         T = key_states.shape[-2]
         end = self._start + T
         if end > self.capacity:
@@ -73,6 +95,35 @@ class ClaspKVCache(Cache):
         v[:, :, self._start : end].copy_(value_states)
         self.writes[layer_idx] += 1
         return k[:, :, :end], v[:, :, :end]
+
+    def _update_rows(self, key_states: Tensor, value_states: Tensor, layer_idx: int):
+        B, H, T, D = key_states.shape
+        if self._kv_len > self.capacity:
+            raise RuntimeError(
+                f"clasp_ext: KV cache overflow (a batched write reaching slot {self._kv_len} of "
+                f"{self.capacity})"
+            )
+        k = self._buffer(self.keys, layer_idx, key_states)
+        v = self._buffer(self.values, layer_idx, value_states)
+        slots = self._row_starts[:, None] + torch.arange(T, device=key_states.device)
+        index = slots[:, None, :, None].expand(B, H, T, D)
+        k[:B].scatter_(2, index, key_states)
+        v[:B].scatter_(2, index, value_states)
+        self.writes[layer_idx] += 1
+        return k[:B, :, : self._kv_len], v[:B, :, : self._kv_len]
+
+    def row(self, b: int) -> RowCache:
+        """Row b alone, as a batch-1 cache (prefill and the skip-set DP of one sequence)."""
+        if self.batch is None or not 0 <= b < self.batch:
+            raise ValueError(f"clasp_ext: row {b} outside the cache's {self.batch} rows")
+        return RowCache(self, b)
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copies slots [0, length) of row ``src`` onto row ``dst`` in every layer."""
+        for store in (self.keys, self.values):
+            for buf in store:
+                if buf is not None:
+                    buf[dst, :, :length].copy_(buf[src, :, :length])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.committed
@@ -92,3 +143,29 @@ class ClaspKVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+class RowCache(ClaspKVCache):
+    """Row b of a batched ClaspKVCache as a batch-1 cache: same buffers (allocated on the first
+    write, with all the parent's rows), no copies."""
+
+    def __init__(self, parent: ClaspKVCache, b: int):
+        super().__init__(parent.num_layers, parent.capacity, batch=1)
+        self.parent, self.b = parent, b
+        self.writes = parent.writes
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        p, b = self.parent, self.b
+        T = key_states.shape[-2]
+        end = self._start + T
+        if end > self.capacity:
+            raise RuntimeError(
+                f"clasp_ext: KV cache overflow (writing slots [{self._start}, {end}) of "
+                f"{self.capacity}) in row {b}"
+            )
+        k = p._buffer(p.keys, layer_idx, key_states)[b : b + 1]
+        v = p._buffer(p.values, layer_idx, value_states)[b : b + 1]
+        k[:, :, self._start : end].copy_(key_states)
+        v[:, :, self._start : end].copy_(value_states)
+        self.writes[layer_idx] += 1
+        return k[:, :, :end], v[:, :, :end]

@@ -24,6 +24,7 @@ from clasp_ext.decoding.adapter import ModelAdapter
 from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.cost_model import CostTable, get_cost_table
 from clasp_ext.decoding.draft_head import DraftHead
+from clasp_ext.decoding.inputs import check_token_ids
 from clasp_ext.decoding.kv_cache import ClaspKVCache
 from clasp_ext.decoding.layer_search import (
     SEARCHED,
@@ -33,7 +34,7 @@ from clasp_ext.decoding.layer_search import (
     random_skip_mask,
 )
 from clasp_ext.decoding.lookup import LookupIndex
-from clasp_ext.decoding.low_bit import Int8Draft, check_supported, int8_pays
+from clasp_ext.decoding.low_bit import int8_draft_for
 from clasp_ext.decoding.policy import (
     LAYER_SKIP,
     LOOKUP,
@@ -181,15 +182,7 @@ class ClaspDecoder:
         self.keep_logits = keep_logits
         self.device = self.adapter.device
         c = self.config
-        self.int8_draft = None
-        if c.draft_weights == "int8":
-            check_supported(self.device, self.adapter.dtype)
-        if c.draft_weights == "int8" or (
-            c.draft_weights == "auto"
-            and c.num_skip_layers > 0
-            and int8_pays(self.adapter.layers[0])
-        ):
-            self.int8_draft = Int8Draft(self.adapter.layers)
+        self.int8_draft = int8_draft_for(self.adapter, c.draft_weights, c.num_skip_layers)
         int8_head = self.int8_draft is not None
         self.draft_head = DraftHead(self.adapter, c.draft_vocab_size, int8=int8_head)
         self.cost_table = cost_table
@@ -351,38 +344,13 @@ class ClaspDecoder:
 
     # ------------------------------------------------------------------ input checks
     def _check_ids(self, input_ids) -> Tensor:
-        if not isinstance(input_ids, Tensor):
-            raise TypeError(
-                f"clasp_ext: input_ids must be a torch.Tensor, got {type(input_ids).__name__}"
-            )
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(
-                f"clasp_ext: input_ids must be int64 (or int32) token ids, got {input_ids.dtype}"
-            )
-        if input_ids.device != self.device:
+        ids = check_token_ids(input_ids, self.device, self.adapter.vocab_size)
+        if ids.shape[0] != 1:
             raise ValueError(
-                f"clasp_ext: input_ids is on {input_ids.device} but the model is on "
-                f"{self.device}; move it with input_ids.to(model.device)"
+                f"clasp_ext: ClaspDecoder takes one sequence, got batch size {ids.shape[0]}; use "
+                "clasp_ext.generate(model, input_ids, attention_mask=...) or BatchDecoder"
             )
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2:
-            raise ValueError(
-                f"clasp_ext: input_ids must be [1, T] (or [T]), got shape {tuple(input_ids.shape)}"
-            )
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"clasp_ext: batch size {input_ids.shape[0]} is not supported; CLaSp decoding "
-                "takes one sequence (batch size 1)"
-            )
-        if input_ids.shape[1] == 0:
-            raise ValueError("clasp_ext: empty prompt (input_ids has no tokens)")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.adapter.vocab_size:
-            raise ValueError(
-                f"clasp_ext: token ids must be in [0, {self.adapter.vocab_size}), got [{lo}, {hi}]"
-            )
-        return input_ids.long()
+        return ids
 
     # ------------------------------------------------------------------ API
     @torch.no_grad()
@@ -606,12 +574,31 @@ def generate(
     input_ids: Tensor,
     config: ClaspConfig | None = None,
     *,
+    attention_mask: Tensor | None = None,
     callback=None,
     streamer=None,
     **overrides,
-) -> ClaspOutput:
-    """CLaSp generation for one sequence: ``.sequences`` is prompt + new tokens (like
-    ``model.generate``), ``.stats`` the round statistics. Keyword overrides replace config
-    fields, e.g. ``generate(model, ids, max_new_tokens=64, temperature=0)``."""
+):
+    """CLaSp generation: ``.sequences`` is prompt + new tokens (like ``model.generate``),
+    ``.stats`` the round statistics. Keyword overrides replace config fields, e.g.
+    ``generate(model, ids, max_new_tokens=64, temperature=0)``.
+
+    One sequence ([1, T] or [T], no padding): a ``ClaspOutput`` from ``ClaspDecoder``. A batch
+    ([B, T], B > 1, or any padding in ``attention_mask``): a ``batch.BatchOutput`` from
+    ``batch.generate_batch`` (each row its own sequence; ``callback(row, tokens)``; no
+    streamer)."""
+    padded = attention_mask is not None and not bool(torch.as_tensor(attention_mask).all())
+    if (
+        isinstance(input_ids, Tensor)
+        and input_ids.dim() == 2
+        and (input_ids.shape[0] > 1 or padded)
+    ):
+        from clasp_ext.decoding.batch import generate_batch
+
+        if streamer is not None:
+            raise ValueError("clasp_ext: streamer= takes one sequence; use callback(row, tokens)")
+        return generate_batch(
+            model, input_ids, config, attention_mask=attention_mask, callback=callback, **overrides
+        )
     dec = ClaspDecoder(model, config, callback=callback, streamer=streamer, **overrides)
     return dec.generate(input_ids)

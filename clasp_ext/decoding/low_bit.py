@@ -189,3 +189,14 @@ class Int8Draft:
         finally:
             for mod in swapped:
                 mod.__dict__.pop("forward", None)
+
+
+def int8_draft_for(adapter, draft_weights: str, num_skip: int) -> Int8Draft | None:
+    """The draft's low-bit copies for ``ClaspConfig.draft_weights`` (None: the model's weights).
+    "int8" is refused where this torch has no kernel; "auto" measures (``int8_pays``)."""
+    if draft_weights == "int8":
+        check_supported(adapter.device, adapter.dtype)
+        return Int8Draft(adapter.layers)
+    if draft_weights == "auto" and num_skip > 0 and int8_pays(adapter.layers[0]):
+        return Int8Draft(adapter.layers)
+    return None

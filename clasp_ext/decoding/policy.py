@@ -186,8 +186,16 @@ class CostPolicy:
 
     def observe(self, kind: str, drafted: int, accepted: int, k_max: int = 0) -> None:
         """The round's outcome: ``drafted`` tokens proposed by a draft allowed ``k_max``."""
+        self.observe_rows([(kind, drafted, accepted, k_max)])
+
+    def observe_rows(self, outcomes: list[tuple[str, int, int, int]]) -> None:
+        """One round's outcomes, one (kind, drafted, accepted, k_max) per sequence (a batch):
+        each observed source learns from each; the sources no row drew from relax once."""
+        seen = set()
+        for kind, drafted, accepted, k_max in outcomes:
+            if kind in self.sources and drafted > 0:
+                self.sources[kind].observe(drafted, accepted, k_max)
+                seen.add(kind)
         for source, est in self.sources.items():
-            if source == kind and drafted > 0:
-                est.observe(drafted, accepted, k_max)
-            else:
+            if source not in seen:
                 est.relax()

@@ -1,0 +1,595 @@
+"""Batched CLaSp decoding with continuous batching: many sequences, one round at a time.
+
+``BatchDecoder`` holds up to ``max_batch`` sequences in the rows of one static KV cache
+(kv_cache.py: row b's slot s holds position s of its own sequence, whatever the other rows'
+lengths; no padding in the cache, no copies per round). Requests join with ``add(prompt)`` and
+are prefilled on their own row when a row is free (a queue holds the rest); ``step()`` runs one
+round for every live row and returns the requests that finished, whose row is then given to the
+last live row (one copy of that row's K/V) so the live rows stay ``[0, B)``.
+
+A round, for B live rows at their own lengths n_b:
+- draft, one of: nothing (a plain batched step); k layer-skip draft steps over all rows at once
+  with the shared skip set (each step one [B, 1] forward of the kept layers), where a row whose
+  context has an n-gram match (lookup.py) takes its looked-up tokens first and the layer-skip
+  draft after them (a cascade); or context lookup only, each row proposing up to k tokens of its
+  own match (rows without one propose none), with no draft forward;
+- verify: one [B, k + 1] forward of every layer, each row at its own positions, then
+  ``clasp.verify_greedy`` / ``clasp.verify_sample`` on all rows (each row accepts its own number of
+  tokens; one device->host read per round);
+- commit: each row's emitted tokens, its EOS and length limit, its callback.
+
+With policy="cost" the round's kind and k maximise the expected tokens per second summed over
+the rows, from the cost model at the live batch size (``cost_model`` measured with B rows: at
+batch 8, verifying 9 tokens per row costs ~3.4 plain steps on the CPU where it costs ~1.1 at
+batch 1) and acceptance estimates pooled over the rows (policy.py); policy="fixed" drafts
+``max_draft`` layer-skip tokens every round, stopped early when every row's draft falls below the
+exit threshold. The skip set is shared by the rows: each sequence runs the DP on its last prompt
+token when it joins (on its own row), and the set skips the M layers most of the live rows' DPs
+skip (ties to the lower layer).
+
+Lossless per row, as at batch 1: every emitted token is the verify op's verdict on the full
+model's logits for that row; the other rows only share the forward. Sampling draws each row's
+randomness from its own generator (``add(seed=...)``), so a row's draws do not depend on who else
+is in the batch. Batch size 1 callers get ``ClaspDecoder`` (loop.py), which also has the per-round
+lookup-versus-layer-skip policy, logits processors and streamers; this loop has callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from clasp_ext import ops
+from clasp_ext.decoding.adapter import ModelAdapter
+from clasp_ext.decoding.config import ClaspConfig
+from clasp_ext.decoding.cost_model import CostTable, get_cost_table
+from clasp_ext.decoding.draft_head import DraftHead
+from clasp_ext.decoding.inputs import check_token_ids, unpadded_rows
+from clasp_ext.decoding.layer_search import (
+    dp_skip_search,
+    importance_skip_mask,
+    random_skip_mask,
+)
+from clasp_ext.decoding.lookup import LookupIndex
+from clasp_ext.decoding.loop import ClaspStats, process_logits
+from clasp_ext.decoding.low_bit import int8_draft_for
+from clasp_ext.decoding.policy import (
+    LAYER_SKIP,
+    LOOKUP,
+    MIN_GAIN,
+    PLAIN,
+    CostPolicy,
+    lookup_source,
+)
+
+DEFAULT_SERVING_CACHE_LEN = 2048  # slots per row when BatchDecoder is not told max_cache_len
+
+
+@dataclass
+class BatchStats:
+    rounds: int = 0
+    row_rounds: int = 0  # sum over rounds of the live rows
+    new_tokens: int = 0
+    prefills: int = 0
+    dp_runs: int = 0
+    plain_rounds: int = 0
+    lookup_rounds: int = 0  # rounds where the rows proposed context matches only
+    layer_skip_rounds: int = 0
+    draft_lengths: dict = field(default_factory=dict)  # k -> rounds
+    batch_sizes: dict = field(default_factory=dict)  # B -> rounds
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.row_rounds / self.rounds if self.rounds else 0.0
+
+
+@dataclass
+class Finished:
+    """A request that finished: ``tokens`` is its prompt + new tokens (like one row of
+    ``model.generate``), ``stats`` its own statistics."""
+
+    request_id: int
+    tokens: list[int]
+    prompt_len: int
+    stats: ClaspStats
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class _Sequence:
+    """One request's state on the host; its K/V lives in one row of the shared cache."""
+
+    def __init__(self, rid, prompt, max_new, callback, generator, lookup_ngram):
+        self.id = rid
+        self.tokens = list(prompt)  # prompt + emitted; all but the last are in the cache
+        self.prompt_len = len(prompt)
+        self.max_new = max_new
+        self.callback = callback
+        self.generator = generator
+        self.lookup = LookupIndex(lookup_ngram)
+        self.lookup.reset(self.tokens)
+        self.stats = ClaspStats()
+        self.skip: list[bool] | None = None  # its DP's mask (None: no DP ran)
+        self.finished = False
+
+    @property
+    def committed(self) -> int:
+        return len(self.tokens) - 1
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - self.stats.new_tokens
+
+
+class BatchDecoder:
+    """Continuous-batching CLaSp decoder (see the module docstring).
+
+    ``max_batch`` rows of ``max_cache_len`` slots each (default: ``config.max_cache_len``, else
+    2048); a request needs its prompt + max_new_tokens + a few slots of headroom. ``add`` queues
+    a request (it joins at the next ``step``) and returns its id; ``step`` runs one round and
+    returns the requests that finished in it; ``run`` steps until all are done. ``callback(id,
+    tokens)`` is called with each request's new tokens as they are committed."""
+
+    def __init__(
+        self,
+        model,
+        config: ClaspConfig | None = None,
+        *,
+        max_batch: int = 8,
+        callback=None,
+        cost_tables: dict[int, CostTable] | None = None,
+        **overrides,
+    ):
+        if config is None:
+            config = ClaspConfig()
+        elif not isinstance(config, ClaspConfig):
+            raise TypeError(f"clasp_ext: config must be a ClaspConfig, got {type(config).__name__}")
+        if overrides:
+            config = config.replace(**overrides)
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"clasp_ext: max_batch must be an int >= 1, got {max_batch!r}")
+        self.model = model
+        self.adapter = a = ModelAdapter(model)
+        self.config = c = config.resolved(a.num_layers, getattr(model, "generation_config", None))
+        self.device = a.device
+        self.max_batch = max_batch
+        self.capacity = c.max_cache_len or DEFAULT_SERVING_CACHE_LEN
+        self.headroom = max(c.max_round_draft, c.num_skip_layers) + 2
+        self.callback = callback
+        self.int8_draft = int8_draft_for(a, c.draft_weights, c.num_skip_layers)
+        self.draft_head = DraftHead(a, c.draft_vocab_size, int8=self.int8_draft is not None)
+        self.cost_tables: dict[int, CostTable] = dict(cost_tables or {})
+        self.policy = None
+        if c.policy == "cost":  # drafts of exactly k tokens: no exit threshold in batches
+            self.policy = CostPolicy(self._table(1), exit_threshold=False)
+        self.cache = a.new_cache(self.capacity, batch=max_batch)
+        self.rows: list[_Sequence] = []
+        self.queue: deque[_Sequence] = deque()
+        self.skip = [False] * a.num_layers
+        self.stats = BatchStats()
+        self._next_id = 0
+        self._eos = set(c.eos_token_id)
+
+    def resize(self, max_batch: int, max_cache_len: int) -> None:
+        """New row count and slots per row (only while no request is live or queued)."""
+        if not self.idle:
+            raise RuntimeError("clasp_ext: resize() needs an idle BatchDecoder")
+        self.max_batch, self.capacity = int(max_batch), int(max_cache_len)
+        self.cache = None  # free the old buffers first
+        self.cache = self.adapter.new_cache(self.capacity, batch=self.max_batch)
+
+    # ------------------------------------------------------------------ requests
+    def add(
+        self,
+        input_ids,
+        *,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        callback=None,
+    ) -> int:
+        """Queues one prompt ([T] or [1, T] ids); returns its request id. ``callback(tokens)``
+        (or the decoder's ``callback(id, tokens)``) gets its new tokens as they come."""
+        ids = check_token_ids(input_ids, self.device, self.adapter.vocab_size)
+        if ids.shape[0] != 1:
+            raise ValueError(
+                f"clasp_ext: add() takes one prompt, got batch size {ids.shape[0]}; add each row"
+            )
+        return self._add(ids[0].tolist(), max_new_tokens, seed, callback)
+
+    def _add(self, prompt: list[int], max_new_tokens, seed, callback) -> int:
+        c = self.config
+        max_new = c.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not isinstance(max_new, int) or max_new < 0:
+            raise ValueError(f"clasp_ext: max_new_tokens must be an int >= 0, got {max_new!r}")
+        need = len(prompt) + max_new + self.headroom
+        if need > self.capacity:
+            raise ValueError(
+                f"clasp_ext: a prompt of {len(prompt)} tokens with max_new_tokens={max_new} needs "
+                f"{need} cache slots; this BatchDecoder has {self.capacity} per sequence (raise "
+                "max_cache_len or lower max_new_tokens)"
+            )
+        rid = self._next_id
+        self._next_id += 1
+        gen = torch.Generator(device=self.device)
+        seed = seed if seed is not None else (None if c.seed is None else c.seed + rid)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        if callback is None and self.callback is not None:
+            callback = lambda toks, _f=self.callback, _r=rid: _f(_r, toks)  # noqa: E731
+        self.queue.append(_Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram))
+        return rid
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.queue
+
+    # ------------------------------------------------------------------ phases
+    def _table(self, B: int) -> CostTable:
+        """The cost table at batch size B (measured on first use per setup, then cached)."""
+        if B not in self.cost_tables:
+            c = self.config
+            self.cost_tables[B] = get_cost_table(
+                self.adapter,
+                self.draft_head,
+                c.num_skip_layers,
+                c.max_round_draft + 1,
+                int8_draft=self.int8_draft,
+                batch=B,
+            )
+        return self.cost_tables[B]
+
+    def _first_token(self, seq: _Sequence, logits: Tensor) -> int:
+        c = self.config
+        if c.greedy:
+            return int(logits.argmax(-1))
+        p = process_logits(logits, c.temperature, c.top_k, c.top_p)
+        return int(torch.multinomial(p, 1, generator=seq.generator))
+
+    @torch.no_grad()
+    def _prefill(self, seq: _Sequence, b: int) -> None:
+        """The prompt on row b alone, its first token, and its skip-set DP."""
+        t = time.perf_counter()
+        a, c = self.adapter, self.config
+        self.draft_head.add([*seq.tokens, *self._eos])
+        if seq.max_new <= 0:
+            seq.finished = True
+            return
+        T = len(seq.tokens)
+        row = self.cache.row(b)
+        ids = torch.tensor([seq.tokens], device=self.device)
+        h, hs = a.forward(ids, 0, row, keep_hidden="last")
+        tok = self._first_token(seq, a.head(h[:, -1])[0])
+        M, strategy = c.num_skip_layers, c.skip_strategy
+        if M > 0 and isinstance(strategy, str):
+            if strategy == "random":
+                seq.skip = random_skip_mask(a.num_layers, M, None)
+            else:
+                target = torch.stack([x[:, -1] for x in hs], 1)
+                if strategy == "importance":
+                    mask, _ = importance_skip_mask(target, M)
+                else:
+                    mask = dp_skip_search(a, row, target, T - 1, T, M)
+                    self.stats.dp_runs += 1
+                    seq.stats.dp_runs += 1
+                seq.skip = [bool(x) for x in mask[0].tolist()]
+        seq.stats.time_prefill = time.perf_counter() - t
+        self.stats.time_prefill += seq.stats.time_prefill
+        self.stats.prefills += 1
+        self._commit(seq, [tok])
+
+    def _shared_skip(self) -> list[bool]:
+        """The M layers most live rows' own masks skip (ties to the lower layer), each row's mask
+        from its skip_strategy at join ("dp" and "static": the DP on its last prompt token); an
+        explicit list (``skip_strategy=[...]``) as given."""
+        c, L, M = self.config, self.adapter.num_layers, self.config.num_skip_layers
+        if not isinstance(c.skip_strategy, str):
+            chosen = set(c.skip_strategy)
+            return [i in chosen for i in range(L)]
+        votes = [0] * L
+        for seq in self.rows:
+            for i, s in enumerate(seq.skip or ()):
+                votes[i] += s
+        if M == 0 or not any(votes):
+            return [False] * L
+        chosen = set(sorted(range(L), key=lambda i: (-votes[i], i))[:M])
+        return [i in chosen for i in range(L)]
+
+    def _admit(self) -> list[Finished]:
+        done = []
+        changed = False
+        while self.queue and len(self.rows) < self.max_batch:
+            seq = self.queue.popleft()
+            self._prefill(seq, len(self.rows))
+            if seq.finished:
+                done.append(self._result(seq))
+            else:
+                self.rows.append(seq)
+                changed = True
+        if changed:
+            self.skip = self._shared_skip()
+        return done
+
+    def _choose(self, B: int, k_cap: int, looked: list[tuple[list[int], int]]):
+        """The round: (PLAIN, 0), (LAYER_SKIP, k): k draft steps for every row, a row with a
+        context match taking its tokens first, or (LOOKUP, k): each row proposes up to k tokens
+        of its match (rows without one none), no draft forward. With policy="cost" the one with
+        the most expected tokens per second summed over the rows, from the table at batch size
+        B and the acceptance seen so far; with "fixed", layer skip up to max_draft."""
+        c = self.config
+        k_ls = min(c.max_draft, k_cap) if c.num_skip_layers > 0 and any(self.skip) else 0
+        lens = [len(t) for t, _ in looked]
+        if self.policy is None:
+            if k_ls > 0:
+                return LAYER_SKIP, k_ls
+            return (LOOKUP, max(lens)) if any(lens) else (PLAIN, 0)
+        pol = self.policy
+        table = pol.table = self._table(B)
+        best, choice = B / table.verify(1) * MIN_GAIN, (PLAIN, 0)
+        if k_ls > 0:
+            e = pol.sources[LAYER_SKIP].expected(k_ls)
+            for k in range(1, k_ls + 1):
+                rate = B * e[k][0] / (k * table.draft_step_s + table.verify(k + 1))
+                if rate > best:
+                    best, choice = rate, (LAYER_SKIP, k)
+        if any(lens):
+            per_row = [pol.sources[lookup_source(n)].expected(len(t)) for t, n in looked]
+            for k in range(1, max(lens) + 1):
+                emitted = sum(e[min(k, len(e) - 1)][0] for e in per_row)
+                rate = emitted / table.verify(k + 1)
+                if rate > best:
+                    best, choice = rate, (LOOKUP, k)
+        return choice
+
+    def _draft(
+        self, t0: Tensor, starts: Tensor, kv0: int, k: int, looked: list[list[int]], forward=True
+    ):
+        """k draft tokens per row [B, k] (and their proposals q [B, k, V] when sampling): a row's
+        ``looked`` tokens first, then (``forward``) layer-skip draft tokens."""
+        c, a, dh = self.config, self.adapter, self.draft_head
+        B = t0.shape[0]
+        lk = torch.zeros(B, k, dtype=torch.long)
+        has = torch.zeros(B, k, dtype=torch.bool)
+        for b, toks in enumerate(looked):
+            lk[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            has[b, : len(toks)] = True
+        lk, has = lk.to(self.device), has.to(self.device)
+        V = a.vocab_size
+        if not forward or all(len(x) >= k for x in looked):  # no draft forward
+            q = None if c.greedy else torch.nn.functional.one_hot(lk, V).to(torch.float32)
+            return lk, q
+        drafts, qs, tok = [], [], t0
+        thr = c.draft_exit_threshold if self.policy is None else 0.0
+        weights = contextlib.nullcontext()
+        if self.int8_draft is not None:
+            weights = self.int8_draft.active(self.skip)
+        with weights:
+            for j in range(k):
+                h, _ = a.forward(tok, starts + j, self.cache, skip=self.skip, kv_len=kv0 + j + 1)
+                logits = dh.logits(h)[:, -1]
+                if c.greedy:
+                    nxt = dh.token_ids(logits.argmax(-1, keepdim=True))
+                    top1 = logits.float().softmax(-1).amax(-1) if thr > 0 else None
+                else:
+                    q = process_logits(logits, c.temperature, c.top_k, c.top_p)
+                    idx = torch.cat(
+                        [
+                            torch.multinomial(q[b], 1, generator=s.generator)[None]
+                            for b, s in enumerate(self.rows)
+                        ]
+                    )
+                    nxt, top1 = dh.token_ids(idx), q.amax(-1)
+                    one_hot = torch.nn.functional.one_hot(lk[:, j], V).to(q.dtype)
+                    qs.append(torch.where(has[:, j, None], one_hot, dh.full_probs(q)))
+                nxt = torch.where(has[:, j : j + 1], lk[:, j : j + 1], nxt)
+                drafts.append(nxt)
+                tok = nxt
+                if thr > 0 and j + 1 < k:  # stop when no row's draft is sure enough
+                    sure = (top1 >= thr) | has[:, j]
+                    if not bool(sure.any()):
+                        break
+        return torch.cat(drafts, 1), (torch.stack(qs, 1) if qs else None)
+
+    @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """Admits queued requests into free rows, then runs one round over the live rows.
+        Returns the requests that finished (in this call)."""
+        t_round = time.perf_counter()
+        done = self._admit()
+        if not self.rows:
+            self.stats.time_total += time.perf_counter() - t_round
+            return done
+        c, a = self.config, self.adapter
+        rows = self.rows
+        B = len(rows)
+        n = [s.committed for s in rows]
+        kv0 = max(n) + 1
+        starts = torch.tensor(n, dtype=torch.long, device=self.device)
+        t0 = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
+        t = time.perf_counter()
+        caps = [max(0, min(c.max_round_draft, s.remaining - 1)) for s in rows]
+        min_ngram = 1 if self.policy is not None else 2
+        looked = [
+            s.lookup.match(cap, min_ngram) if c.lookup_ngram else ([], 0)
+            for s, cap in zip(rows, caps, strict=True)
+        ]
+        kind, k = self._choose(B, max(caps), looked)
+        q = None
+        if kind == LOOKUP:  # the rows' own matches only
+            looked = [(t[:k], n) for t, n in looked]
+            num = [len(t) for t, _ in looked]
+            drafts, q = self._draft(t0, starts, kv0, k, [t for t, _ in looked], forward=False)
+        elif kind == LAYER_SKIP:
+            num = [min(k, cap) for cap in caps]
+            prefix = [t[:m] for (t, _), m in zip(looked, num, strict=True)]
+            drafts, q = self._draft(t0, starts, kv0, k, prefix)
+            k = drafts.shape[1]  # the exit threshold ("fixed") may have stopped it early
+            num = [min(x, k) for x in num]
+        else:
+            num = [0] * B
+            drafts = t0.new_zeros(B, 0)
+        t2 = time.perf_counter()
+        self.stats.time_draft += t2 - t
+        h, _ = a.forward(torch.cat([t0, drafts], 1), starts, self.cache, kv_len=kv0 + k)
+        logits = a.head(h)
+        num_draft = torch.tensor(num, dtype=torch.int32, device=self.device)
+        seq_lens = starts.to(torch.int32)
+        if c.greedy:
+            accepted, out = ops.verify_greedy(drafts, num_draft, logits, seq_lens)
+        else:
+            p = process_logits(logits, c.temperature, c.top_k, c.top_p)
+            if q is None:
+                q = p.new_zeros(B, k, p.shape[-1])
+            u = torch.stack(
+                [torch.rand(k + 1, 2, generator=s.generator, device=self.device) for s in rows]
+            )
+            accepted, out = ops.verify_sample(drafts, num_draft, q, p, u, seq_lens)
+        host = torch.cat([accepted.long()[:, None], out], 1).tolist()  # the round's one read
+        self.stats.time_verify += time.perf_counter() - t2
+        self.stats.rounds += 1
+        self.stats.row_rounds += B
+        _count(self.stats.batch_sizes, B)
+        _count(self.stats.draft_lengths, k)
+        self.stats.plain_rounds += kind == PLAIN
+        self.stats.lookup_rounds += kind == LOOKUP
+        self.stats.layer_skip_rounds += kind == LAYER_SKIP
+        outcomes = []
+        for b, seq in enumerate(rows):
+            acc = int(host[b][0])
+            st = seq.stats
+            st.rounds += 1
+            st.drafted += num[b]
+            st.accepted += acc
+            st.plain_rounds += kind == PLAIN or num[b] == 0
+            st.lookup_rounds += kind == LOOKUP and num[b] > 0
+            st.layer_skip_rounds += kind == LAYER_SKIP and num[b] > 0
+            source = LAYER_SKIP if kind == LAYER_SKIP else lookup_source(looked[b][1])
+            outcomes.append((source, num[b], acc, num[b]))
+            emitted = self._commit(seq, [int(x) for x in host[b][1 : acc + 2]])
+            st.round_tokens += len(emitted)
+        if self.policy is not None:
+            self.policy.observe_rows(outcomes)
+        done += self._release()
+        self.stats.time_total += time.perf_counter() - t_round
+        return done
+
+    def _commit(self, seq: _Sequence, toks: list[int]) -> list[int]:
+        """Appends a row's tokens, cut at its EOS and its length limit."""
+        for i, tk in enumerate(toks):
+            if tk in self._eos:
+                toks = toks[: i + 1]
+                break
+        toks = toks[: seq.remaining]
+        seq.tokens.extend(toks)
+        seq.stats.new_tokens += len(toks)
+        self.stats.new_tokens += len(toks)
+        self.draft_head.add(toks)
+        if toks and seq.callback is not None:
+            seq.callback(list(toks))
+        if (toks and toks[-1] in self._eos) or seq.remaining <= 0:
+            seq.finished = True
+        return toks
+
+    def _release(self) -> list[Finished]:
+        """Finished rows leave; the last live row moves into each freed row."""
+        done = []
+        b = 0
+        while b < len(self.rows):
+            seq = self.rows[b]
+            if not seq.finished:
+                b += 1
+                continue
+            done.append(self._result(seq))
+            last = len(self.rows) - 1
+            if b != last:
+                self.cache.move_row(last, b, self.rows[last].committed)
+                self.rows[b] = self.rows[last]
+            self.rows.pop()
+        if done:
+            self.skip = self._shared_skip()
+            if not self.rows and not self.queue:  # forget the old contexts' draft-head rows
+                self.draft_head.reset([], list(self._eos))
+        return done
+
+    def _result(self, seq: _Sequence) -> Finished:
+        seq.stats.skip_layers = [i for i, s in enumerate(self.skip) if s]
+        return Finished(seq.id, seq.tokens, seq.prompt_len, seq.stats)
+
+    def run(self) -> list[Finished]:
+        """Steps until every queued and live request is done; returns them by request id."""
+        done = []
+        while not self.idle:
+            done += self.step()
+        return sorted(done, key=lambda f: f.request_id)
+
+
+def _count(hist: dict, k: int) -> None:
+    hist[k] = hist.get(k, 0) + 1
+
+
+@dataclass
+class BatchOutput:
+    sequences: Tensor  # [B, T + new] like model.generate: the prompts as given, then new tokens
+    finished: list[Finished]
+    stats: BatchStats
+
+
+def generate_batch(
+    model,
+    input_ids: Tensor,
+    config: ClaspConfig | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    pad_token_id: int | None = None,
+    callback=None,
+    **overrides,
+) -> BatchOutput:
+    """CLaSp on a batch: ``input_ids`` [B, T], padded (left, as for ``model.generate``) where
+    ``attention_mask`` is 0. ``.sequences`` is [B, T + the longest row's new tokens], each row
+    its prompt as given, then its new tokens, then ``pad_token_id`` after its EOS (the generation
+    config's pad token, else its first EOS, else 0). ``callback(row, tokens)`` streams."""
+    if config is None:
+        config = ClaspConfig()
+    elif not isinstance(config, ClaspConfig):
+        raise TypeError(f"clasp_ext: config must be a ClaspConfig, got {type(config).__name__}")
+    if overrides:
+        config = config.replace(**overrides)
+    dec = BatchDecoder(model, config, callback=callback, max_batch=1)
+    ids = check_token_ids(input_ids, dec.device, dec.adapter.vocab_size)
+    prompts = unpadded_rows(ids, attention_mask)
+    c = dec.config
+    # rows sized for this batch, as ClaspDecoder sizes its cache for one request
+    slots = c.max_cache_len or max(map(len, prompts)) + c.max_new_tokens + dec.headroom
+    dec.resize(len(prompts), slots)
+    for prompt in prompts:
+        dec._add(prompt, None, None, None)
+    finished = dec.run()
+    gc = getattr(model, "generation_config", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(gc, "pad_token_id", None) if gc is not None else None
+    if pad_token_id is None:
+        pad_token_id = c.eos_token_id[0] if c.eos_token_id else 0
+    width = max(len(f.new_tokens) for f in finished)
+    new = [f.new_tokens + [pad_token_id] * (width - len(f.new_tokens)) for f in finished]
+    tail = torch.tensor(new, dtype=torch.long, device=ids.device).view(len(new), width)
+    return BatchOutput(torch.cat([ids, tail], 1), finished, dec.stats)

@@ -1,0 +1,252 @@
+"""Batched CLaSp (batch.py): every row is lossless on its own, whatever the batch around it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoding_models import FAMILIES, tiny_model
+from test_decoding_greedy import assert_lossless
+from test_decoding_sampling import assert_matches, exact_marginals
+
+from clasp_ext.decoding import BatchDecoder, ClaspConfig, generate, generate_batch, process_logits
+from clasp_ext.decoding.cost_model import CostTable
+
+torch.set_num_threads(1)
+
+# verify flat and draft steps nearly free at every batch size: rounds draft, so the batched draft
+# and verify paths run (the measured tables decide only the lengths)
+FLAT = {b: CostTable({1: 1.0, 16: 1.0}, 0.05, 0.0) for b in range(1, 9)}
+POLICIES = ("fixed", "cost")
+
+
+def prompts_for(seed: int, n: int, vocab: int = 256) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = int(torch.randint(1, 24, (1,), generator=g))
+        out.append(torch.randint(3, vocab, (T,), generator=g).tolist())
+    # a prompt that repeats itself, so context lookup drafts (and the cascade) run too
+    out[0] = (out[0] * 3)[:30]
+    return out
+
+
+def assert_prefix_lossless(model, got: list[int], want: list[int], prompt_len: int):
+    """Lossless over the common length (one side ran without EOS or to another limit)."""
+    m = min(len(got), len(want))
+    assert_lossless(model, got[:m], want[:m], prompt_len)
+
+
+@torch.no_grad()
+def hf_alone(model, prompt: list[int], max_new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new
+    )
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_rows_equal_their_own_generate(family, policy):
+    """6 requests through 3 rows (so rows join and leave mid-run), EOS on: every row equals
+    model.generate on its prompt alone, and stops at its own EOS / length."""
+    model = tiny_model(family, layers=6, window=8, seed=3)
+    prompts = prompts_for(7, 6)
+    lengths = [20, 5, 28, 1, 16, 24]
+    want = [hf_alone(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    streamed: dict[int, list[int]] = {}
+    dec = BatchDecoder(
+        model,
+        max_batch=3,
+        policy=policy,
+        num_skip_layers=2,
+        max_cache_len=96,
+        cost_tables=FLAT,
+        callback=lambda rid, toks: streamed.setdefault(rid, []).extend(toks),
+    )
+    for p, n in zip(prompts, lengths, strict=True):
+        dec.add(torch.tensor(p), max_new_tokens=n)
+    done = dec.run()
+    assert [f.request_id for f in done] == list(range(6))
+    for f, w, p in zip(done, want, prompts, strict=True):
+        assert_lossless(model, f.tokens, w, len(p))
+        assert streamed.get(f.request_id, []) == f.new_tokens
+    assert dec.idle and dec.active == 0
+    s = dec.stats
+    assert s.rounds > 0 and max(s.batch_sizes) == 3
+    assert sum(f.stats.accepted for f in done) > 0  # drafts were accepted in batches
+    assert sum(f.stats.drafted for f in done) > sum(f.stats.accepted for f in done)  # and rejected
+
+
+@torch.no_grad()
+def test_requests_join_while_others_decode():
+    """Requests added between rounds join without disturbing the rows already decoding."""
+    model = tiny_model("llama", layers=6, seed=4)
+    prompts = prompts_for(11, 5)
+    want = [hf_alone(model, p, 18) for p in prompts]
+    dec = BatchDecoder(
+        model,
+        max_batch=4,
+        max_new_tokens=18,
+        num_skip_layers=2,
+        max_cache_len=96,
+        cost_tables=FLAT,
+        eos_token_id=[],
+    )
+    done, added = [], 0
+    for r in range(200):
+        if added < len(prompts) and r % 3 == 0:  # one joins every third round
+            dec.add(torch.tensor(prompts[added]))
+            added += 1
+        done += dec.step()
+        if dec.idle and added == len(prompts):
+            break
+    assert sorted(f.request_id for f in done) == list(range(5))
+    for f in done:
+        # eos_token_id=[]: no EOS, so model.generate's output is compared up to 18 tokens
+        w = want[f.request_id]
+        n = len(prompts[f.request_id])
+        assert_prefix_lossless(model, f.tokens, w, n)
+        assert len(f.new_tokens) == 18
+
+
+@pytest.mark.parametrize("family", ("qwen2", "gemma3"))
+@torch.no_grad()
+def test_generate_batch_left_padded(family):
+    """generate(model, ids [B, T], attention_mask=...) with left padding: like model.generate on
+    the padded batch, row by row (each equal to that prompt alone, pads after EOS)."""
+    model = tiny_model(family, layers=6, window=8, seed=5)
+    prompts = prompts_for(13, 4)
+    T = max(map(len, prompts))
+    ids = torch.zeros(4, T, dtype=torch.long)
+    mask = torch.zeros(4, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p) :] = torch.tensor(p)
+        mask[b, T - len(p) :] = 1
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=20, num_skip_layers=2)
+    seqs = out.sequences
+    assert seqs.shape[0] == 4 and torch.equal(seqs[:, :T], ids)
+    for b, p in enumerate(prompts):
+        want = hf_alone(model, p, 20)
+        new = seqs[b, T:].tolist()
+        got = p + new[: len(want) - len(p)]
+        assert_lossless(model, got, want, len(p))
+        assert all(x == model.generation_config.pad_token_id for x in new[len(want) - len(p) :])
+
+
+@torch.no_grad()
+def test_sampled_rows_have_the_model_distribution():
+    """Sampling in batches: the first three tokens of a prompt's rows follow the full model's
+    distribution exactly (chi-square), while other prompts share the batch and rows join and
+    leave at different times."""
+    V = 8
+    model = tiny_model("llama", layers=4, vocab=V, seed=5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    prompt, other = [3, 1, 4], [1, 0, 1, 2, 1, 3, 1, 4, 1, 5, 1]
+    dec = BatchDecoder(
+        model,
+        max_batch=4,
+        skip_strategy=[1, 2],
+        max_draft=2,
+        draft_exit_threshold=0.0,
+        policy="fixed",
+        temperature=1.0,
+        eos_token_id=[],
+        lookup_ngram=2,
+        seed=99,
+    )
+    N = 1200
+    mine = set()
+    for i in range(N):
+        mine.add(dec.add(torch.tensor(prompt), max_new_tokens=3))
+        if i % 3 == 0:
+            dec.add(torch.tensor(other), max_new_tokens=1 + i % 5)
+    done = dec.run()
+    counts = torch.zeros(3, V, dtype=torch.long)
+    drafted = accepted = 0
+    for f in done:
+        if f.request_id in mine:
+            for i, t in enumerate(f.new_tokens):
+                counts[i, t] += 1
+            drafted += f.stats.drafted
+            accepted += f.stats.accepted
+    assert counts.sum() == 3 * N
+    assert min(accepted, drafted - accepted) > 0.1 * drafted, (accepted, drafted)
+    exact = exact_marginals(
+        model, torch.tensor([prompt]), V, lambda x: process_logits(x, 1.0, 0, 1.0)
+    )
+    for i in range(3):
+        assert_matches(counts[i], exact[i], f"token {i + 1}")
+
+
+@torch.no_grad()
+def test_cache_rows_stay_put():
+    """The round's KV buffers keep their shapes and addresses from round to round, through
+    joins and leaves (a row that leaves hands its slot to the last live row)."""
+    model = tiny_model("mistral", layers=4, seed=6)
+    dec = BatchDecoder(model, max_batch=3, max_new_tokens=6, max_cache_len=64, cost_tables=FLAT)
+    for p in prompts_for(17, 7):
+        dec.add(torch.tensor(p), max_new_tokens=int(3 + len(p) % 5))
+    dec.step()
+    ptrs = [(k.data_ptr(), tuple(k.shape)) for k in dec.cache.keys]
+    while not dec.idle:
+        dec.step()
+        assert [(k.data_ptr(), tuple(k.shape)) for k in dec.cache.keys] == ptrs
+
+
+def test_batch_errors():
+    model = tiny_model("llama", layers=4, seed=1)
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchDecoder(model, max_batch=0)
+    dec = BatchDecoder(model, max_batch=2, max_cache_len=32, cost_tables=FLAT)
+    with pytest.raises(ValueError, match="needs .* cache slots"):
+        dec.add(torch.arange(3, 30), max_new_tokens=16)
+    with pytest.raises(ValueError, match="batch size 2"):
+        dec.add(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids"):
+        dec.add(torch.tensor([5, 1000]))
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="padding inside"):
+        generate(model, ids, attention_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="all padding"):
+        generate(model, ids, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        generate(model, ids, attention_mask=torch.ones(2, 3))
+    with pytest.raises(TypeError, match="ClaspConfig"):
+        generate_batch(model, ids, config={"max_draft": 2})
+    assert isinstance(ClaspConfig(), ClaspConfig)
+
+
+@torch.no_grad()
+def test_batch_policy_follows_the_cost_table():
+    """policy="cost" in batches: where verify cost grows like the tokens verified (a CPU without
+    bf16 matrix units, or a large batch) every round is a plain batched step; where it is flat,
+    rounds draft, by layer skip and by context lookup (the repeating prompt)."""
+    model = tiny_model("llama", layers=6, seed=9)
+    prompts = prompts_for(21, 3)
+    linear = {b: CostTable({1: 1.0, 32: 32.0}, 0.5, 0.0) for b in range(1, 4)}
+    runs = {}
+    for name, tables in (("linear", linear), ("flat", FLAT)):
+        dec = BatchDecoder(
+            model,
+            max_batch=3,
+            max_new_tokens=24,
+            num_skip_layers=2,
+            max_cache_len=96,
+            cost_tables=tables,
+            eos_token_id=[],
+        )
+        for p in prompts:
+            dec.add(torch.tensor(p))
+        done = dec.run()
+        for f, p in zip(done, prompts, strict=True):
+            assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 24), len(p))
+        runs[name] = dec.stats
+    assert runs["linear"].plain_rounds == runs["linear"].rounds
+    flat = runs["flat"]
+    assert (
+        flat.layer_skip_rounds > 0
+        and flat.lookup_rounds + flat.layer_skip_rounds > flat.rounds // 2
+    )
