@@ -35,6 +35,13 @@ for what in ${@:-qwen-bf16 gemma-fp32 gemma-bf16 qwen-bf16-lookup}; do
       "$py" bench/bench_e2e.py --model qwen2.5-coder-1.5b --dtype float32 --per-category 1 \
         --seed 0 --max-new-tokens 64 --methods ar pld clasp clasp-fixed:draft_weights=original \
         --out bench/results/e2e-qwen2.5-coder-1.5b-fp32-policy ;;
-    *) echo "bench/e2e.sh: unknown run '$what' (qwen-bf16, gemma-fp32, gemma-bf16, qwen-bf16-lookup, qwen-bf16-policy, qwen-fp32-policy)" >&2; exit 2 ;;
+    # issue 10: throughput at batch 1, 2, 4, 8 against model.generate on the same padded batch,
+    # and requests arriving while others decode (bench_batch.py; about 15 minutes here)
+    qwen-bf16-batch)
+      step "batched: qwen2.5-coder-1.5b bfloat16"
+      "$py" bench/bench_batch.py --model qwen2.5-coder-1.5b --dtype bfloat16 --prompts 8 \
+        --batch-sizes 1 2 4 8 --max-new-tokens 64 --serving-requests 6 --serving-gap 3 \
+        --out bench/results/batch-qwen2.5-coder-1.5b-bf16 ;;
+    *) echo "bench/e2e.sh: unknown run '$what' (qwen-bf16, gemma-fp32, gemma-bf16, qwen-bf16-lookup, qwen-bf16-policy, qwen-fp32-policy, qwen-bf16-batch)" >&2; exit 2 ;;
   esac
 done

@@ -183,17 +183,23 @@ def test_sampled_rows_have_the_model_distribution():
 
 @torch.no_grad()
 def test_cache_rows_stay_put():
-    """The round's KV buffers keep their shapes and addresses from round to round, through
-    joins and leaves (a row that leaves hands its slot to the last live row)."""
+    """The round's KV buffers and per-row lengths / last tokens keep their shapes and addresses
+    from round to round, through joins and leaves (a row that leaves hands its slot to the last
+    live row)."""
     model = tiny_model("mistral", layers=4, seed=6)
     dec = BatchDecoder(model, max_batch=3, max_new_tokens=6, max_cache_len=64, cost_tables=FLAT)
     for p in prompts_for(17, 7):
         dec.add(torch.tensor(p), max_new_tokens=int(3 + len(p) % 5))
+
+    def layout():  # the K/V buffers and the per-row device state a round reads and writes
+        bufs = [*dec.cache.keys, *dec.cache.values, dec._lens, dec._last]
+        return [(t.data_ptr(), tuple(t.shape)) for t in bufs]
+
     dec.step()
-    ptrs = [(k.data_ptr(), tuple(k.shape)) for k in dec.cache.keys]
+    before = layout()
     while not dec.idle:
         dec.step()
-        assert [(k.data_ptr(), tuple(k.shape)) for k in dec.cache.keys] == ptrs
+        assert layout() == before
 
 
 def test_batch_errors():

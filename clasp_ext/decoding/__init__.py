@@ -14,8 +14,8 @@ from clasp_ext.decoding.loop import (
     ClaspOutput,
     ClaspStats,
     generate,
-    process_logits,
 )
+from clasp_ext.decoding.phases import process_logits
 
 __all__ = [
     "BatchDecoder",

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from clasp_ext import ops
 from clasp_ext.decoding.adapter import ModelAdapter
 from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.cost_model import CostTable, get_cost_table
@@ -56,8 +55,9 @@ from clasp_ext.decoding.layer_search import (
     random_skip_mask,
 )
 from clasp_ext.decoding.lookup import LookupIndex
-from clasp_ext.decoding.loop import ClaspStats, process_logits
+from clasp_ext.decoding.loop import ClaspStats
 from clasp_ext.decoding.low_bit import int8_draft_for
+from clasp_ext.decoding.phases import accept, cut_at_stop, process_logits
 from clasp_ext.decoding.policy import (
     LAYER_SKIP,
     LOOKUP,
@@ -174,6 +174,7 @@ class BatchDecoder:
         if c.policy == "cost":  # drafts of exactly k tokens: no exit threshold in batches
             self.policy = CostPolicy(self._table(1), exit_threshold=False)
         self.cache = a.new_cache(self.capacity, batch=max_batch)
+        self._device_state()
         self.rows: list[_Sequence] = []
         self.queue: deque[_Sequence] = deque()
         self.skip = [False] * a.num_layers
@@ -188,6 +189,15 @@ class BatchDecoder:
         self.max_batch, self.capacity = int(max_batch), int(max_cache_len)
         self.cache = None  # free the old buffers first
         self.cache = self.adapter.new_cache(self.capacity, batch=self.max_batch)
+        self._device_state()
+
+    def _device_state(self) -> None:
+        """Per-row state on the device, one fixed buffer each (rows [0, B) live): the committed
+        length (the verify ops advance it in place) and the last emitted token, which the next
+        round feeds first. A round reads its inputs from these and writes them back without a
+        host round trip; the host sees the round's verdict once."""
+        self._lens = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
+        self._last = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ requests
     def add(
@@ -293,6 +303,8 @@ class BatchDecoder:
                     self.stats.dp_runs += 1
                     seq.stats.dp_runs += 1
                 seq.skip = [bool(x) for x in mask[0].tolist()]
+        self._lens[b] = T
+        self._last[b, 0] = tok
         seq.stats.time_prefill = time.perf_counter() - t
         self.stats.time_prefill += seq.stats.time_prefill
         self.stats.prefills += 1
@@ -424,8 +436,8 @@ class BatchDecoder:
         B = len(rows)
         n = [s.committed for s in rows]
         kv0 = max(n) + 1
-        starts = torch.tensor(n, dtype=torch.long, device=self.device)
-        t0 = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
+        starts = self._lens[:B].clone()  # verify advances self._lens in place
+        t0 = self._last[:B]
         t = time.perf_counter()
         caps = [max(0, min(c.max_round_draft, s.remaining - 1)) for s in rows]
         min_ngram = 1 if self.policy is not None else 2
@@ -453,17 +465,9 @@ class BatchDecoder:
         h, _ = a.forward(torch.cat([t0, drafts], 1), starts, self.cache, kv_len=kv0 + k)
         logits = a.head(h)
         num_draft = torch.tensor(num, dtype=torch.int32, device=self.device)
-        seq_lens = starts.to(torch.int32)
-        if c.greedy:
-            accepted, out = ops.verify_greedy(drafts, num_draft, logits, seq_lens)
-        else:
-            p = process_logits(logits, c.temperature, c.top_k, c.top_p)
-            if q is None:
-                q = p.new_zeros(B, k, p.shape[-1])
-            u = torch.stack(
-                [torch.rand(k + 1, 2, generator=s.generator, device=self.device) for s in rows]
-            )
-            accepted, out = ops.verify_sample(drafts, num_draft, q, p, u, seq_lens)
+        gens = [s.generator for s in rows]
+        accepted, out = accept(c, logits, drafts, num_draft, self._lens[:B], q, gens)
+        self._last[:B] = out.gather(1, accepted.long()[:, None])  # the next round's first token
         host = torch.cat([accepted.long()[:, None], out], 1).tolist()  # the round's one read
         self.stats.time_verify += time.perf_counter() - t2
         self.stats.rounds += 1
@@ -495,11 +499,7 @@ class BatchDecoder:
 
     def _commit(self, seq: _Sequence, toks: list[int]) -> list[int]:
         """Appends a row's tokens, cut at its EOS and its length limit."""
-        for i, tk in enumerate(toks):
-            if tk in self._eos:
-                toks = toks[: i + 1]
-                break
-        toks = toks[: seq.remaining]
+        toks = cut_at_stop(toks, self._eos, seq.remaining)
         seq.tokens.extend(toks)
         seq.stats.new_tokens += len(toks)
         self.stats.new_tokens += len(toks)
@@ -523,6 +523,7 @@ class BatchDecoder:
             last = len(self.rows) - 1
             if b != last:
                 self.cache.move_row(last, b, self.rows[last].committed)
+                self._lens[b], self._last[b] = self._lens[last], self._last[last]
                 self.rows[b] = self.rows[last]
             self.rows.pop()
         if done:

@@ -35,6 +35,7 @@ from clasp_ext.decoding.layer_search import (
 )
 from clasp_ext.decoding.lookup import LookupIndex
 from clasp_ext.decoding.low_bit import int8_draft_for
+from clasp_ext.decoding.phases import accept, cut_at_stop, process_logits
 from clasp_ext.decoding.policy import (
     LAYER_SKIP,
     LOOKUP,
@@ -108,23 +109,6 @@ class ClaspStats:
 class ClaspOutput:
     sequences: Tensor  # [1, prompt + new] like model.generate
     stats: ClaspStats
-
-
-def process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Temperature, top-k, top-p (transformers' warper semantics, in that order) -> float32
-    probabilities. Applied identically to the draft and the target."""
-    x = logits.float() / temperature
-    V = x.shape[-1]
-    if 0 < top_k < V:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_x, idx = torch.sort(x, dim=-1, descending=False)
-        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= (1.0 - top_p)
-        remove[..., -1:] = False
-        x = x.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
-    return x.softmax(dim=-1)
 
 
 def _unchanged(x: Tensor) -> Tensor:
@@ -489,13 +473,10 @@ class ClaspDecoder:
         draft_tokens = torch.cat(drafts, 1) if k else inp.new_zeros(1, 0)
         logits = raw if ctx is None else self._processed(torch.cat([ctx, draft_tokens], 1), raw)
         num_draft = torch.full((1,), k, dtype=torch.int32, device=self.device)
-        if c.greedy:
-            accepted, out = ops.verify_greedy(draft_tokens, num_draft, logits, self._seq_lens)
-        else:
-            p = self._probs(logits)
-            q = torch.stack(qs, 1) if k else p.new_zeros(1, 0, p.shape[-1])
-            u = torch.rand(1, k + 1, 2, generator=self.generator, device=self.device)
-            accepted, out = ops.verify_sample(draft_tokens, num_draft, q, p, u, self._seq_lens)
+        q = torch.stack(qs, 1) if qs else None
+        accepted, out = accept(
+            c, logits, draft_tokens, num_draft, self._seq_lens, q, [self.generator]
+        )
         host = self._sync(torch.cat([accepted.long(), out[0]]))
         acc = int(host[0])
         emitted = [int(x) for x in host[1 : acc + 2]]
@@ -509,11 +490,7 @@ class ClaspDecoder:
             self.policy.observe(kind, k, acc, k_max)
 
         # ---- EOS / length (exact: never past EOS, never past max_new_tokens)
-        for i, tk in enumerate(emitted):
-            if tk in self._eos:
-                emitted = emitted[: i + 1]
-                break
-        emitted = emitted[:remaining]
+        emitted = cut_at_stop(emitted, self._eos, remaining)
         self.cache.rollback(n + len(emitted))
         self.stats.round_tokens += len(emitted)
         if self.keep_logits:
