@@ -256,3 +256,18 @@ def test_batch_policy_follows_the_cost_table():
         flat.layer_skip_rounds > 0
         and flat.lookup_rounds + flat.layer_skip_rounds > flat.rounds // 2
     )
+
+
+def test_cost_tables_between_powers_of_two_are_interpolated():
+    """Tables are measured at batch 1, 2, 4, ... (on construction, so no round pays for one) and
+    interpolated between: a batch whose rows finish one by one never triggers a measurement."""
+    model = tiny_model("llama", layers=4, seed=1)
+    tables = {
+        1: CostTable({1: 1.0, 17: 2.0}, 0.2, 0.0),
+        2: CostTable({1: 1.0, 17: 3.0}, 0.2, 0.0),
+        4: CostTable({1: 2.0, 17: 9.0}, 0.4, 0.0),
+    }
+    dec = BatchDecoder(model, max_batch=3, cost_tables=tables)
+    t3 = dec._table(3)
+    assert t3.verify_s == {1: 1.5, 17: 6.0} and t3.draft_step_s == pytest.approx(0.3)
+    assert sorted(dec.cost_tables) == [1, 2, 3, 4]

@@ -171,3 +171,29 @@ def test_dp_on_cuda_chooses_the_cpu_skip_sets(family, M):
         )
         compared += 1
     assert compared >= 2, "the two runs diverged before the first round"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_batched_rows_equal_generate(family, dtype):
+    """Batched decoding on the device (batch.py): 5 requests through 3 rows, joining and leaving;
+    every row equals model.generate on its prompt alone (bf16: up to a near-tie)."""
+    from clasp_ext.decoding import BatchDecoder
+
+    model = tiny_model(family, layers=6, window=8, seed=3, dtype=dtype).to(DEVICE)
+    gen = torch.Generator().manual_seed(17)
+    prompts = [prompt(gen, repeat=i % 2 == 0) for i in range(5)]
+    n_new = 32
+    # EOS on (the generation config's), on both sides: rows stop at their own EOS
+    dec = BatchDecoder(model, max_batch=3, max_new_tokens=n_new, max_cache_len=96)
+    for ids in prompts:
+        dec.add(ids[0])
+    done = dec.run()
+    assert dec.stats.rounds > 0 and max(dec.stats.batch_sizes) == 3
+    for f, ids in zip(done, prompts, strict=True):
+        want = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new
+        )[0].tolist()
+        m = min(len(want), len(f.tokens))
+        assert_lossless(model, f.tokens[:m], want[:m], ids.shape[1])
