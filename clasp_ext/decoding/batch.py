@@ -20,7 +20,7 @@ A round, for B live rows at their own lengths n_b:
 
 With policy="cost" the round's kind and k maximise the expected tokens per second summed over
 the rows, from the cost model at the live batch size (``cost_model`` measured with B rows: at
-batch 8, verifying 9 tokens per row costs ~3.4 plain steps on the CPU where it costs ~1.1 at
+batch 8, verifying 17 tokens per row costs 5.1 plain steps on the bf16 CPU where it costs 1.5 at
 batch 1) and acceptance estimates pooled over the rows (policy.py); policy="fixed" drafts
 ``max_draft`` layer-skip tokens every round, stopped early when every row's draft falls below the
 exit threshold. The skip set is shared by the rows: each sequence runs the DP on its last prompt
