@@ -257,8 +257,9 @@ def _check_request(input_ids, gc, synced_gpus, model_kwargs):
         refuse(f"num_beams={gc.num_beams}: beam search is not supported (use num_beams=1)")
     if getattr(gc, "num_return_sequences", 1) not in (None, 1):
         refuse(
-            f"num_return_sequences={gc.num_return_sequences}: batched decoding is not supported "
-            "yet; call generate once per sample"
+            f"num_return_sequences={gc.num_return_sequences} is not supported; repeat the "
+            "prompt in the batch instead (input_ids.repeat(n, 1), sampled rows draw "
+            "independently)"
         )
     if getattr(gc, "prompt_lookup_num_tokens", None) or getattr(gc, "assistant_early_exit", None):
         refuse(

@@ -195,11 +195,18 @@ def test_cache_rows_stay_put():
         bufs = [*dec.cache.keys, *dec.cache.values, dec._lens, dec._last]
         return [(t.data_ptr(), tuple(t.shape)) for t in bufs]
 
+    def state_matches_host():  # compaction moved each row's device state with its sequence
+        B = dec.active
+        assert dec._lens[:B].tolist() == [s.committed for s in dec.rows]
+        assert dec._last[:B, 0].tolist() == [s.tokens[-1] for s in dec.rows]
+
     dec.step()
     before = layout()
+    state_matches_host()
     while not dec.idle:
         dec.step()
         assert layout() == before
+        state_matches_host()
 
 
 def test_batch_errors():
@@ -251,7 +258,9 @@ def test_batch_policy_follows_the_cost_table():
             assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 24), len(p))
         runs[name] = dec.stats
     assert runs["linear"].plain_rounds == runs["linear"].rounds
+    assert runs["linear"].draft_steps == 0
     flat = runs["flat"]
+    assert flat.draft_steps > 0  # layer-skip draft forwards ran
     assert (
         flat.layer_skip_rounds > 0
         and flat.lookup_rounds + flat.layer_skip_rounds > flat.rounds // 2
@@ -271,3 +280,36 @@ def test_cost_tables_between_powers_of_two_are_interpolated():
     t3 = dec._table(3)
     assert t3.verify_s == {1: 1.5, 17: 6.0} and t3.draft_step_s == pytest.approx(0.3)
     assert sorted(dec.cost_tables) == [1, 2, 3, 4]
+
+
+@torch.no_grad()
+def test_max_lookup_and_unsupported_batching(monkeypatch):
+    """max_lookup=0 turns context lookup off in batches as at batch 1; a model whose ragged
+    self-check failed is refused for batches with the reason (batch-1 decoding still works)."""
+    from clasp_ext.decoding import ClaspDecoder, UnsupportedModelError
+    from clasp_ext.decoding.adapter import ModelAdapter
+
+    model = tiny_model("qwen2", layers=4, seed=2)
+    dec = BatchDecoder(
+        model,
+        max_batch=2,
+        max_new_tokens=12,
+        num_skip_layers=0,
+        max_lookup=0,
+        lookup_ngram=3,
+        max_cache_len=64,
+        cost_tables=FLAT,
+        eos_token_id=[],
+    )
+    for p in prompts_for(5, 3):
+        dec.add(torch.tensor(p))
+    dec.run()
+    assert dec.stats.lookup_rounds == 0 and dec.stats.plain_rounds == dec.stats.rounds
+
+    other = tiny_model("llama", layers=4, seed=12)
+    monkeypatch.setattr(ModelAdapter, "_ragged_error", lambda self: "rows differ (test)")
+    with pytest.raises(UnsupportedModelError, match="batched decoding .* rows differ"):
+        BatchDecoder(other, cost_tables=FLAT)
+    assert ClaspDecoder(other, max_new_tokens=2).generate(
+        torch.tensor([[5, 6]])
+    ).sequences.shape == (1, 4)

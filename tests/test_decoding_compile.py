@@ -1,5 +1,6 @@
 """The batched draft and verify steps capture as one graph each (torch.compile fullgraph=True):
-the precondition for CUDA graphs, checked on CPU. A round over B rows at their own positions
+the precondition for CUDA graphs, checked on CPU (with a fixed kv_len, as a captured graph
+would read a fixed view). A round over B rows at their own positions
 (``starts`` a device tensor) is [B, 1] per draft step and [B, k + 1] for verify, on the static
 cache rows; the compiled steps must give what the eager ones give and write the same K/V."""
 
@@ -48,8 +49,17 @@ def test_batched_steps_compile_fullgraph(family):
     for step in range(2):  # a second round at other positions replays the same graph
         s = starts + step * (K + 1)
         want = [draft_step(caches[0], tok, s), verify_step(caches[0], ids, s)]
-        got = [draft_c(caches[1], tok, s), verify_c(caches[1], ids, s)]
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            got = [draft_c(caches[1], tok, s), verify_c(caches[1], ids, s)]
         for w, x in zip(want, got, strict=True):
             torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-5)
+    # and the second verify is the model's own forward on each row: its prompt, then the first
+    # round's verified tokens, then the second's (the draft's writes were overwritten)
+    for b, n in enumerate(lens):
+        prompt = (torch.arange(n)[None] * (b + 3) + 7) % 200 + 3
+        seq = torch.cat([prompt, ids[b : b + 1], ids[b : b + 1]], 1)
+        ref = model(input_ids=seq).logits[0, -(K + 1) :]
+        torch.testing.assert_close(want[1][b], ref, rtol=1e-4, atol=1e-4)
+
     for k0, k1 in zip(caches[0].keys, caches[1].keys, strict=True):
         torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)

@@ -288,6 +288,7 @@ class ModelAdapter:
         if self.logit_scale == 1.0:
             self.logit_scale = None
         self.embed_scale: float | None = None  # a scale the base forward applies (self_check)
+        self.ragged_error: str | None = None  # why ragged batches are refused (check_ragged)
 
         p = next(model.parameters())
         self.dtype = p.dtype
@@ -347,7 +348,9 @@ class ModelAdapter:
         conv = self.convention
         kwargs = dict(conv.constant_kwargs)
         kwargs[conv.cache_keyword] = cache
-        if conv.takes_cache_position:
+        if conv.takes_cache_position and position_ids.shape[0] == 1:
+            # one row's positions; a ragged batch has one set per row, so none is passed (the
+            # ragged self-check refuses batches for a layer that needs it)
             kwargs["cache_position"] = position_ids[0]
         if conv.rotary_keywords == ("position_embeddings",):
             kwargs["position_embeddings"] = pos_emb.get(self.layer_types[i])
@@ -528,8 +531,46 @@ class ModelAdapter:
         done = _CHECKED.setdefault(self.model, {})
         if key not in done:
             self.self_check()
-            done[key] = self.embed_scale
-        self.embed_scale = done[key]
+            done[key] = (self.embed_scale, self._ragged_error())
+        self.embed_scale, self.ragged_error = done[key]
+
+    def check_ragged(self) -> None:
+        """Raises UnsupportedModelError where ragged batches (batch.py) are not exact on this
+        model: the ragged self-check, run with the self-check, found a difference or a failure."""
+        if self.ragged_error is not None:
+            raise UnsupportedModelError(
+                f"clasp_ext: batched decoding of {type(self.model).__name__} is not supported: "
+                f"{self.ragged_error}; decode one sequence at a time (ClaspDecoder)"
+            )
+
+    @torch.no_grad()
+    def _ragged_error(self) -> str | None:
+        """Two rows at different lengths through one ragged forward (per-row positions, masks
+        and cache slots) against the model's own forward on each row: None if every logit
+        matches, else what differed. Run once per model and setup, after the self-check."""
+        try:
+            lens = (7, 4)
+            n = max(lens) + 2
+            rows = [
+                (torch.arange(n, device=self.device) * (3 + b) + 5) % self.vocab_size
+                for b in (0, 1)
+            ]
+            cache = self.new_cache(n + 1, batch=2)
+            for b, m in enumerate(lens):
+                self.forward(rows[b][None, :m], 0, cache.row(b))
+            ids = torch.stack([rows[b][m : m + 2] for b, m in enumerate(lens)])
+            starts = torch.tensor(lens, device=self.device)
+            h, _ = self.forward(ids, starts, cache, kv_len=max(lens) + 2)
+            got = self.head(h).float()
+            for b, m in enumerate(lens):
+                ref = self.model(input_ids=rows[b][None, : m + 2], use_cache=True).logits.float()
+                diff = (got[b] - ref[0, m : m + 2]).abs().max().item()
+                tol = self._tolerance(ref)
+                if not diff <= tol:
+                    return f"rows at their own positions differ from the model by {diff:.3g}"
+        except Exception as err:  # noqa: BLE001 - any failure: batches are refused, not rows
+            return f"the ragged forward failed ({type(err).__name__}: {err})"
+        return None
 
     @torch.no_grad()
     def self_check(self) -> float:

@@ -29,8 +29,10 @@ skip (ties to the lower layer).
 
 Lossless per row, as at batch 1: every emitted token is the verify op's verdict on the full
 model's logits for that row; the other rows only share the forward. Sampling draws each row's
-randomness from its own generator (``add(seed=...)``), so a row's draws do not depend on who else
-is in the batch. Batch size 1 callers get ``ClaspDecoder`` (loop.py), which also has the per-round
+randomness from its own generator (``add(seed=...)``): its tokens follow the full model's
+distribution whoever else is in the batch (how many draws a round takes depends on the round's
+shared draft length, so the same seed in another batch can give other, equally distributed,
+tokens). Batch size 1 callers get ``ClaspDecoder`` (loop.py), which also has the per-round
 lookup-versus-layer-skip policy, logits processors and streamers; this loop has callbacks.
 """
 
@@ -80,6 +82,7 @@ class BatchStats:
     plain_rounds: int = 0
     lookup_rounds: int = 0  # rounds where the rows proposed context matches only
     layer_skip_rounds: int = 0
+    draft_steps: int = 0  # layer-skip draft forwards ([B, 1] each)
     draft_lengths: dict = field(default_factory=dict)  # k -> rounds
     batch_sizes: dict = field(default_factory=dict)  # B -> rounds
     time_prefill: float = 0.0
@@ -161,6 +164,7 @@ class BatchDecoder:
             raise ValueError(f"clasp_ext: max_batch must be an int >= 1, got {max_batch!r}")
         self.model = model
         self.adapter = a = ModelAdapter(model)
+        a.check_ragged()
         self.config = c = config.resolved(a.num_layers, getattr(model, "generation_config", None))
         self.device = a.device
         self.max_batch = max_batch
@@ -188,6 +192,9 @@ class BatchDecoder:
         """New row count and slots per row (only while no request is live or queued)."""
         if not self.idle:
             raise RuntimeError("clasp_ext: resize() needs an idle BatchDecoder")
+        for name, v in (("max_batch", max_batch), ("max_cache_len", max_cache_len)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"clasp_ext: {name} must be an int >= 1, got {v!r}")
         self.max_batch, self.capacity = int(max_batch), int(max_cache_len)
         self.cache = None  # free the old buffers first
         self.cache = self.adapter.new_cache(self.capacity, batch=self.max_batch)
@@ -198,8 +205,9 @@ class BatchDecoder:
     def _device_state(self) -> None:
         """Per-row state on the device, one fixed buffer each (rows [0, B) live): the committed
         length (the verify ops advance it in place) and the last emitted token, which the next
-        round feeds first. A round reads its inputs from these and writes them back without a
-        host round trip; the host sees the round's verdict once."""
+        round feeds first. A round reads its positions and first tokens from these and writes
+        them back on the device; the host reads the round's verdict once (what it still sends
+        per round: the per-row draft counts and looked-up tokens, decided on the host)."""
         self._lens = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
         self._last = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
 
@@ -330,7 +338,9 @@ class BatchDecoder:
         M, strategy = c.num_skip_layers, c.skip_strategy
         if M > 0 and isinstance(strategy, str):
             if strategy == "random":
-                seq.skip = random_skip_mask(a.num_layers, M, None)
+                g = torch.Generator()
+                g.manual_seed(c.seed + seq.id) if c.seed is not None else g.seed()
+                seq.skip = random_skip_mask(a.num_layers, M, g)
             else:
                 target = torch.stack([x[:, -1] for x in hs], 1)
                 if strategy == "importance":
@@ -345,7 +355,7 @@ class BatchDecoder:
         seq.stats.time_prefill = time.perf_counter() - t
         self.stats.time_prefill += seq.stats.time_prefill
         self.stats.prefills += 1
-        self._commit(seq, [tok])
+        self._stream([(seq, self._commit(seq, [tok]))])
 
     def _shared_skip(self) -> list[bool]:
         """The M layers most live rows' own masks skip (ties to the lower layer), each row's mask
@@ -379,14 +389,14 @@ class BatchDecoder:
             self.skip = self._shared_skip()
         return done
 
-    def _choose(self, B: int, k_cap: int, looked: list[tuple[list[int], int]]):
+    def _choose(self, B: int, caps: list[int], looked: list[tuple[list[int], int]]):
         """The round: (PLAIN, 0), (LAYER_SKIP, k): k draft steps for every row, a row with a
         context match taking its tokens first, or (LOOKUP, k): each row proposes up to k tokens
         of its match (rows without one none), no draft forward. With policy="cost" the one with
         the most expected tokens per second summed over the rows, from the table at batch size
         B and the acceptance seen so far; with "fixed", layer skip up to max_draft."""
         c = self.config
-        k_ls = min(c.max_draft, k_cap) if c.num_skip_layers > 0 and any(self.skip) else 0
+        k_ls = min(c.max_draft, max(caps)) if c.num_skip_layers > 0 and any(self.skip) else 0
         lens = [len(t) for t, _ in looked]
         if self.policy is None:
             if k_ls > 0:
@@ -397,8 +407,9 @@ class BatchDecoder:
         best, choice = B / table.verify(1) * MIN_GAIN, (PLAIN, 0)
         if k_ls > 0:
             e = pol.sources[LAYER_SKIP].expected(k_ls)
-            for k in range(1, k_ls + 1):
-                rate = B * e[k][0] / (k * table.draft_step_s + table.verify(k + 1))
+            for k in range(1, k_ls + 1):  # a row near its end drafts only up to its cap
+                emitted = sum(e[min(k, cap)][0] for cap in caps)
+                rate = emitted / (k * table.draft_step_s + table.verify(k + 1))
                 if rate > best:
                     best, choice = rate, (LAYER_SKIP, k)
         if any(lens):
@@ -434,7 +445,8 @@ class BatchDecoder:
             weights = self.int8_draft.active(self.skip)
         with weights:
             for j in range(k):
-                h, _ = a.forward(tok, starts + j, self.cache, skip=self.skip, kv_len=kv0 + j + 1)
+                h, _ = a.forward(tok, starts + j, self.cache, skip=self.skip, kv_len=kv0 + j)
+                self.stats.draft_steps += 1
                 logits = dh.logits(h)[:, -1]
                 if c.greedy:
                     nxt = dh.token_ids(logits.argmax(-1, keepdim=True))
@@ -479,10 +491,10 @@ class BatchDecoder:
         caps = [max(0, min(c.max_round_draft, s.remaining - 1)) for s in rows]
         min_ngram = 1 if self.policy is not None else 2
         looked = [
-            s.lookup.match(cap, min_ngram) if c.lookup_ngram else ([], 0)
+            s.lookup.match(min(c.max_lookup, cap), min_ngram) if c.lookup_ngram else ([], 0)
             for s, cap in zip(rows, caps, strict=True)
         ]
-        kind, k = self._choose(B, max(caps), looked)
+        kind, k = self._choose(B, caps, looked)
         q = None
         if kind == LOOKUP:  # the rows' own matches only
             looked = [(t[:k], n) for t, n in looked]
@@ -490,7 +502,9 @@ class BatchDecoder:
             drafts, q = self._draft(t0, starts, kv0, k, [t for t, _ in looked], forward=False)
         elif kind == LAYER_SKIP:
             num = [min(k, cap) for cap in caps]
-            prefix = [t[:m] for (t, _), m in zip(looked, num, strict=True)]
+            # the cascade: a row's 2- and 3-gram matches go first (a 1-gram match is mostly
+            # wrong where text does not copy its context, and would displace the draft)
+            prefix = [t[:m] if ng >= 2 else [] for (t, ng), m in zip(looked, num, strict=True)]
             drafts, q = self._draft(t0, starts, kv0, k, prefix)
             k = drafts.shape[1]  # the exit threshold ("fixed") may have stopped it early
             num = [min(x, k) for x in num]
@@ -514,7 +528,7 @@ class BatchDecoder:
         self.stats.plain_rounds += kind == PLAIN
         self.stats.lookup_rounds += kind == LOOKUP
         self.stats.layer_skip_rounds += kind == LAYER_SKIP
-        outcomes = []
+        outcomes, pending = [], []
         for b, seq in enumerate(rows):
             acc = int(host[b][0])
             st = seq.stats
@@ -524,15 +538,33 @@ class BatchDecoder:
             st.plain_rounds += kind == PLAIN or num[b] == 0
             st.lookup_rounds += kind == LOOKUP and num[b] > 0
             st.layer_skip_rounds += kind == LAYER_SKIP and num[b] > 0
-            source = LAYER_SKIP if kind == LAYER_SKIP else lookup_source(looked[b][1])
-            outcomes.append((source, num[b], acc, num[b]))
+            outcomes += self._outcomes(
+                kind, looked[b], prefix[b] if kind == LAYER_SKIP else None, num[b], acc
+            )
             emitted = self._commit(seq, [int(x) for x in host[b][1 : acc + 2]])
             st.round_tokens += len(emitted)
+            pending.append((seq, emitted))
         if self.policy is not None:
             self.policy.observe_rows(outcomes)
+        self._stream(pending)
         done += self._release()
         self.stats.time_total += time.perf_counter() - t_round
         return done
+
+    @staticmethod
+    def _outcomes(kind, looked, prefix, drafted: int, accepted: int) -> list[tuple]:
+        """What a row's round teaches the policy: a lookup draft (or a cascade's looked-up
+        prefix) teaches its n-gram source, a layer-skip draft (or the cascade's tail, reached when
+        the whole prefix was accepted) the layer-skip source."""
+        if drafted == 0:
+            return []
+        if kind == LOOKUP:
+            return [(lookup_source(looked[1]), drafted, accepted, drafted)]
+        m = min(len(prefix), drafted)
+        out = [(lookup_source(looked[1]), m, min(accepted, m), m)] if m else []
+        if accepted >= m and drafted > m:
+            out.append((LAYER_SKIP, drafted - m, accepted - m, drafted - m))
+        return out
 
     def _commit(self, seq: _Sequence, toks: list[int]) -> list[int]:
         """Appends a row's tokens, cut at its EOS and its length limit."""
@@ -541,32 +573,38 @@ class BatchDecoder:
         seq.stats.new_tokens += len(toks)
         self.stats.new_tokens += len(toks)
         self.draft_head.add(toks)
-        if toks and seq.callback is not None:
-            seq.callback(list(toks))
         if (toks and toks[-1] in self._eos) or seq.remaining <= 0:
             seq.finished = True
         return toks
 
+    @staticmethod
+    def _stream(pending: list[tuple[_Sequence, list[int]]]) -> None:
+        """Callbacks run after every row's state is committed: one that raises leaves the
+        decoder consistent (its exception propagates from step())."""
+        for seq, toks in pending:
+            if toks and seq.callback is not None:
+                seq.callback(list(toks))
+
     def _release(self) -> list[Finished]:
         """Finished rows leave; the last live row moves into each freed row."""
-        done = []
+        done = [self._result(s) for s in self.rows if s.finished]
         b = 0
         while b < len(self.rows):
-            seq = self.rows[b]
-            if not seq.finished:
-                b += 1
-                continue
-            done.append(self._result(seq))
-            last = len(self.rows) - 1
-            if b != last:
+            while self.rows and self.rows[-1].finished:  # finished rows at the end just go
+                self.rows.pop()
+            if b >= len(self.rows):
+                break
+            if self.rows[b].finished:  # the last live row (not finished) takes this row
+                last = len(self.rows) - 1
                 self.cache.move_row(last, b, self.rows[last].committed)
                 self._lens[b], self._last[b] = self._lens[last], self._last[last]
-                self.rows[b] = self.rows[last]
-            self.rows.pop()
+                self.rows[b] = self.rows.pop()
+            b += 1
         if done:
             self.skip = self._shared_skip()
-            if not self.rows and not self.queue:  # forget the old contexts' draft-head rows
-                self.draft_head.reset([], list(self._eos))
+            # the draft head scores the live contexts' rare ids, not every context ever seen
+            live = [t for s in [*self.rows, *self.queue] for t in s.tokens]
+            self.draft_head.reset(live, list(self._eos))
         return done
 
     def _result(self, seq: _Sequence) -> Finished:

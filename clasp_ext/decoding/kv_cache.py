@@ -109,7 +109,8 @@ class ClaspKVCache(Cache):
         index = slots[:, None, :, None].expand(B, H, T, D)
         k[:B].scatter_(2, index, key_states)
         v[:B].scatter_(2, index, value_states)
-        self.writes[layer_idx] += 1
+        # (not counted in ``writes``: a Python counter would be specialised by torch.compile and
+        # recompile every call; the batch-1 path the self-check runs counts)
         return k[:B, :, : self._kv_len], v[:B, :, : self._kv_len]
 
     def row(self, b: int) -> RowCache:

@@ -565,6 +565,9 @@ def generate(
     ``batch.generate_batch`` (each row its own sequence; ``callback(row, tokens)``; no
     streamer)."""
     padded = attention_mask is not None and not bool(torch.as_tensor(attention_mask).all())
+    if isinstance(input_ids, Tensor) and input_ids.dim() == 1 and padded:  # one padded prompt
+        input_ids = input_ids[None]
+        attention_mask = torch.as_tensor(attention_mask).reshape(1, -1)
     if (
         isinstance(input_ids, Tensor)
         and input_ids.dim() == 2
