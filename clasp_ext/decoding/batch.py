@@ -57,7 +57,7 @@ from clasp_ext.decoding.layer_search import (
     random_skip_mask,
 )
 from clasp_ext.decoding.lookup import LookupIndex
-from clasp_ext.decoding.loop import ClaspStats
+from clasp_ext.decoding.loop import ClaspStats, _count
 from clasp_ext.decoding.low_bit import int8_draft_for
 from clasp_ext.decoding.phases import accept, cut_at_stop, process_logits
 from clasp_ext.decoding.policy import (
@@ -154,12 +154,7 @@ class BatchDecoder:
         cost_tables: dict[int, CostTable] | None = None,
         **overrides,
     ):
-        if config is None:
-            config = ClaspConfig()
-        elif not isinstance(config, ClaspConfig):
-            raise TypeError(f"clasp_ext: config must be a ClaspConfig, got {type(config).__name__}")
-        if overrides:
-            config = config.replace(**overrides)
+        config = ClaspConfig.of(config, **overrides)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"clasp_ext: max_batch must be an int >= 1, got {max_batch!r}")
         self.model = model
@@ -169,7 +164,7 @@ class BatchDecoder:
         self.device = a.device
         self.max_batch = max_batch
         self.capacity = c.max_cache_len or DEFAULT_SERVING_CACHE_LEN
-        self.headroom = max(c.max_round_draft, c.num_skip_layers) + 2
+        self.headroom = c.cache_headroom
         self.callback = callback
         self.int8_draft = int8_draft_for(a, c.draft_weights, c.num_skip_layers)
         self.draft_head = DraftHead(a, c.draft_vocab_size, int8=self.int8_draft is not None)
@@ -619,10 +614,6 @@ class BatchDecoder:
         return sorted(done, key=lambda f: f.request_id)
 
 
-def _count(hist: dict, k: int) -> None:
-    hist[k] = hist.get(k, 0) + 1
-
-
 @dataclass
 class BatchOutput:
     sequences: Tensor  # [B, T + new] like model.generate: the prompts as given, then new tokens
@@ -644,12 +635,7 @@ def generate_batch(
     ``attention_mask`` is 0. ``.sequences`` is [B, T + the longest row's new tokens], each row
     its prompt as given, then its new tokens, then ``pad_token_id`` after its EOS (the generation
     config's pad token, else its first EOS, else 0). ``callback(row, tokens)`` streams."""
-    if config is None:
-        config = ClaspConfig()
-    elif not isinstance(config, ClaspConfig):
-        raise TypeError(f"clasp_ext: config must be a ClaspConfig, got {type(config).__name__}")
-    if overrides:
-        config = config.replace(**overrides)
+    config = ClaspConfig.of(config, **overrides)
     dec = BatchDecoder(model, config, callback=callback, max_batch=1)
     ids = check_token_ids(input_ids, dec.device, dec.adapter.vocab_size)
     prompts = unpadded_rows(ids, attention_mask)

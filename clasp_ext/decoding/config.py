@@ -91,6 +91,15 @@ class ClaspConfig:
     # AVX-512 CPU: 3x; fp32 there: slower, so not), else the model's weights.
     draft_weights: str = "auto"
 
+    @classmethod
+    def of(cls, config: ClaspConfig | None, **overrides) -> ClaspConfig:
+        """What the decoders take: ``config`` (None = the defaults) with keyword overrides."""
+        if config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(f"clasp_ext: config must be a ClaspConfig, got {type(config).__name__}")
+        return config.replace(**overrides) if overrides else config
+
     def replace(self, **overrides) -> ClaspConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
@@ -248,6 +257,12 @@ class ClaspConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def cache_headroom(self) -> int:
+        """Cache slots past a sequence's last token that a round may write: the longest draft
+        plus its first token, or the DP's candidates, plus one."""
+        return max(self.max_round_draft, self.num_skip_layers) + 2
 
     @property
     def max_round_draft(self) -> int:

@@ -82,15 +82,19 @@ class ClaspKVCache(Cache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         if self._row_starts is not None:
             return self._update_rows(key_states, value_states, layer_idx)
-        T = key_states.shape[-2]
-        end = self._start + T
+        k = self._buffer(self.keys, layer_idx, key_states)
+        v = self._buffer(self.values, layer_idx, value_states)
+        return self._write_slots(k, v, key_states, value_states, layer_idx, "")
+
+    def _write_slots(self, k, v, key_states, value_states, layer_idx: int, where: str):
+        """Writes slots [start, start + T) of buffers k, v (every row of them) and returns the
+        views [0, start + T)."""
+        end = self._start + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(
                 f"clasp_ext: KV cache overflow (writing slots [{self._start}, {end}) of "
-                f"{self.capacity}); raise max_new_tokens headroom"
+                f"{self.capacity}){where}; raise max_new_tokens headroom"
             )
-        k = self._buffer(self.keys, layer_idx, key_states)
-        v = self._buffer(self.values, layer_idx, value_states)
         k[:, :, self._start : end].copy_(key_states)
         v[:, :, self._start : end].copy_(value_states)
         self.writes[layer_idx] += 1
@@ -157,16 +161,6 @@ class RowCache(ClaspKVCache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         p, b = self.parent, self.b
-        T = key_states.shape[-2]
-        end = self._start + T
-        if end > self.capacity:
-            raise RuntimeError(
-                f"clasp_ext: KV cache overflow (writing slots [{self._start}, {end}) of "
-                f"{self.capacity}) in row {b}"
-            )
         k = p._buffer(p.keys, layer_idx, key_states)[b : b + 1]
         v = p._buffer(p.values, layer_idx, value_states)[b : b + 1]
-        k[:, :, self._start : end].copy_(key_states)
-        v[:, :, self._start : end].copy_(value_states)
-        self.writes[layer_idx] += 1
-        return k[:, :, :end], v[:, :, :end]
+        return self._write_slots(k, v, key_states, value_states, layer_idx, f" in row {b}")

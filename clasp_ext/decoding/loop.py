@@ -149,12 +149,7 @@ class ClaspDecoder:
         cost_table: CostTable | None = None,
         **overrides,
     ):
-        if config is None:
-            config = ClaspConfig()
-        elif not isinstance(config, ClaspConfig):
-            raise TypeError(f"clasp_ext: config must be a ClaspConfig, got {type(config).__name__}")
-        if overrides:
-            config = config.replace(**overrides)
+        config = ClaspConfig.of(config, **overrides)
         self.model = model
         self.adapter = ModelAdapter(model)
         self.config = config.resolved(
@@ -345,7 +340,7 @@ class ClaspDecoder:
         c = self.config
         a = self.adapter
         T = ids.shape[1]
-        headroom = max(c.max_round_draft, c.num_skip_layers) + 2
+        headroom = c.cache_headroom
         self.max_new_tokens = c.max_new_tokens
         if c.max_cache_len is not None:
             if T + headroom + 1 > c.max_cache_len:
