@@ -11,8 +11,8 @@ consecutive chunks of B; per chunk the two methods run back to back in alternati
 batch size's ratio is the throughput of ``clasp`` over that of ``ar`` (generated tokens over
 their total time), with and without the prefill: ``model.generate`` prefills the padded batch (B x
 the longest prompt), the batched loop each prompt on its own row, so with prompts of unequal length
-much of a batch's gain can be the prefill; ``ar``'s prefill is timed as one more forward of the
-padded batch. ``clasp`` is
+much of a batch's gain can be the prefill; ``ar``'s prefill is the time to its first scores
+(a pass-through logits processor notes it), ``clasp``'s the time its prefills took. ``clasp`` is
 ``clasp_ext.generate``: ClaspDecoder at B = 1, BatchDecoder above; ``clasp-batchloop`` (B = 1
 only) is BatchDecoder with one row. Writes records.json and table.md to ``--out``.
 """
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,16 +67,35 @@ def new_tokens(row: list[int], eos: set[int], pad: int, limit: int) -> list[int]
     return out
 
 
+class _FirstScores:
+    """A pass-through logits processor that notes when model.generate first scores: the end of
+    its prefill, timed inside the same call (timing a separate forward of the padded batch and
+    subtracting it left the decoding time a small difference of two noisy large ones)."""
+
+    def __init__(self):
+        self.at = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
 def run_ar(model, rows, max_new, pad, eos):
-    """model.generate on the left-padded batch; its prefill timed apart (the same forward over
-    the padded prompts, run once more), so decoding can be compared without it."""
+    """model.generate on the left-padded batch; returns (new tokens per row, seconds to its
+    first scores: the prefill), so decoding can be compared without it."""
     ids, mask = left_pad(rows, pad)
+    first = _FirstScores()
     t = time.perf_counter()
-    model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    prefill = time.perf_counter() - t
     out = model.generate(
-        ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new, pad_token_id=pad
+        ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new,
+        pad_token_id=pad,
+        logits_processor=LogitsProcessorList([first]),
     )
+    prefill = first.at - t
     return [new_tokens(r, eos, pad, max_new) for r in out[:, ids.shape[1] :].tolist()], prefill
 
 
@@ -103,6 +123,45 @@ def run_clasp(model, rows, max_new, pad, eos, batch_loop=False):
         time_verify=s.time_verify,
     )
     return [f.new_tokens for f in out.finished], stats
+
+
+def compare_skip_rules(model, rows, B, max_new, rules):
+    """The batch's shared skip set by each ``batch_skip_rule``, with every round a layer-skip draft
+    (policy="fixed", no lookup, so the rule alone differs): per rule, tokens/s, acceptance and the
+    layers skipped. The chunks of B prompts run the rules back to back in alternating order."""
+    out = {r: dict(time=0.0, tokens=0, drafted=0, accepted=0, skipped=[]) for r in rules}
+    decoders = {}
+    for rule in rules:
+        dec = decoders[rule] = BatchDecoder(
+            model,
+            max_batch=B,
+            max_new_tokens=max_new,
+            policy="fixed",
+            lookup_ngram=0,
+            batch_skip_rule=rule,
+        )
+        if dec.int8_draft is not None:  # every layer's int8 copy now, not inside a timed run
+            for i in range(dec.adapter.num_layers):
+                dec.int8_draft._layer(i)
+    for c0 in range(0, len(rows) - B + 1, B):
+        order = rules if (c0 // B) % 2 == 0 else rules[::-1]
+        for rule in order:
+            dec = decoders[rule]
+            dec.stats = type(dec.stats)()
+            for r in rows[c0 : c0 + B]:
+                dec.add(torch.tensor(r))
+            t = time.perf_counter()
+            dec.step()  # admits every row: the shared set is chosen from all B rows' DPs
+            skipped = sum(dec.skip)
+            done = dec.run()
+            o = out[rule]
+            o["time"] += time.perf_counter() - t - dec.stats.time_prefill
+            o["tokens"] += sum(len(f.new_tokens) for f in done)
+            o["drafted"] += sum(f.stats.drafted for f in done)
+            o["accepted"] += sum(f.stats.accepted for f in done)
+            o["skipped"].append(skipped)
+            print(f"skip rule {rule} rows {c0}..{c0 + B - 1}: {skipped} layers skipped", flush=True)
+    return out
 
 
 def serving(model, prompts, max_new, gap_s, max_batch):
@@ -153,10 +212,17 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=sorted(models.DTYPES))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--serving-requests", type=int, default=6)
     p.add_argument("--serving-gap", type=float, default=3.0, help="seconds between arrivals")
+    p.add_argument(
+        "--skip-rules",
+        nargs="*",
+        default=[],
+        help="compare these batch_skip_rule values at --skip-rule-batch rows (fixed policy)",
+    )
+    p.add_argument("--skip-rule-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -201,7 +267,7 @@ def main(argv=None):
                     t = time.perf_counter()
                     if m == "ar":
                         outs, prefill = run_ar(model, [rows[i] for i in chunk], N, pad, eos)
-                        dt = time.perf_counter() - t - prefill  # generate alone
+                        dt = time.perf_counter() - t
                         stats = dict(time_prefill=prefill)
                     else:
                         outs, stats = run_clasp(
@@ -229,6 +295,9 @@ def main(argv=None):
                     ids = torch.tensor([rows[i]])
                     check.update(at=d, **near_tie(model, ids, want[:d]))
                 rec["checks"].append(check)
+        rules = None
+        if args.skip_rules:
+            rules = compare_skip_rules(model, rows, args.skip_rule_batch, N, args.skip_rules)
         serve = None
         if args.serving_requests:
             reqs = [rows[i % len(rows)] for i in range(args.serving_requests)]
@@ -241,14 +310,14 @@ def main(argv=None):
                 )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "records.json").write_text(
-        json.dumps(dict(meta=meta, records=records, serving=serve), indent=1)
+        json.dumps(dict(meta=meta, records=records, serving=serve, skip_rules=rules), indent=1)
     )
-    table = report(records, serve, meta)
+    table = report(records, serve, meta, rules, args.skip_rule_batch)
     (args.out / "table.md").write_text(table)
     print(table)
 
 
-def report(records, serve, meta) -> str:
+def report(records, serve, meta, rules=None, rule_batch=None) -> str:
     lines = [
         f"Machine: {meta['cpu']} ({meta['cpu_capability']}), {meta['torch_threads']} threads, "
         f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['model']} "
@@ -290,6 +359,19 @@ def report(records, serve, meta) -> str:
             lat = r["latencies"]
             lines.append(
                 f"| {name} | {r['makespan']:.1f} | {statistics.mean(lat):.1f} | {max(lat):.1f} |"
+            )
+    if rules:
+        lines += [
+            "",
+            f"| batch_skip_rule (B = {rule_batch}, fixed policy, no lookup) | tokens/s after "
+            "prefill | acceptance | layers skipped per chunk |",
+            "|---|---|---|---|",
+        ]
+        for rule, o in rules.items():
+            acc = o["accepted"] / o["drafted"] if o["drafted"] else 0.0
+            lines.append(
+                f"| {rule} | {o['tokens'] / o['time']:.2f} | {acc:.2f} | "
+                f"{', '.join(map(str, o['skipped']))} |"
             )
     return "\n".join(lines) + "\n"
 

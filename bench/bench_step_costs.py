@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # clasp_ext from t
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding import ClaspDecoder  # noqa: E402
 from clasp_ext.decoding.layer_search import dp_skip_search  # noqa: E402
+from clasp_ext.decoding.phases import draft_step  # noqa: E402
 from clasp_ext.timing import median_time  # noqa: E402
 
 # LLaMA-3-8B's shape (random weights: costs only depend on the shape)
@@ -102,16 +103,20 @@ def measure(model, args) -> dict:
         hf_cache.crop(-1)  # drop the token again
 
     res["ar"]["hf_step_s"] = timer(dev, ar_step, args.repeats)
+
+    def draft():  # the loop's draft step (phases.draft_step) with dec.skip
+        return draft_step(dec.config, a, dec.draft_head, tok, n, cache, dec.skip, [dec.generator])
+
     # this library's full forward of one token (the draft with nothing skipped)
     dec.skip = [False] * L
-    res["ar"]["clasp_full_step_s"] = timer(dev, lambda: dec._draft_forward(tok, n), args.repeats)
+    res["ar"]["clasp_full_step_s"] = timer(dev, draft, args.repeats)
 
     target = torch.randn(1, L + 1, a.hidden_size, device=dev, dtype=a.dtype)
     for M in args.skip:
         if not 0 <= M < L:
             raise SystemExit(f"bench_step_costs: skip count {M} out of range for {L} layers")
         dec.skip = [i >= L - M for i in range(L)]  # the cost depends on the count only
-        res["draft"][M] = timer(dev, lambda: dec._draft_forward(tok, n), args.repeats)
+        res["draft"][M] = timer(dev, draft, args.repeats)
         if M > 0:
             res["dp"][M] = timer(
                 dev,

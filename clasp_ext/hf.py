@@ -23,11 +23,14 @@ transformers prepared onto a ``ClaspDecoder`` and returns what plain ``generate`
   ``TextStreamer``). On 4.56 ``streamer=`` works as well.
 - Batches: ``input_ids`` [B, T] with a left-padded ``attention_mask`` run through
   ``batch.generate_batch`` (each row its own sequence, pads after its EOS, as plain generate);
-  there, only temperature/top-k/top-p processors, max-length/EOS stopping and no streamer.
+  there the processors apply per row (to the row as plain generate shows it: its padding, prompt
+  and tokens); max-length/EOS stopping only and no streamer.
   No beam search.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers.generation import (
@@ -79,6 +82,10 @@ _PURE_PROCESSORS = tuple(
     )
     if cls is not None
 )
+# Processors transformers builds for the whole batch hold per-row state; a batch row is scored
+# alone ([1, n] ids), so each row gets a copy with its own slice (_row_processors). This one keeps
+# its n-grams per row in a form not sliced here: refused for batches.
+_BATCH_REFUSED = ("EncoderNoRepeatNGramLogitsProcessor",)
 # what to tell the user for the refused processors transformers builds from a generation option
 _REFUSED_HINTS = {
     "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
@@ -180,7 +187,6 @@ def generate(
         unsupported = [
             name
             for name, used in (
-                ("logits processors other than temperature/top_k/top_p", hook is not None),
                 ("stopping criteria other than max length and EOS", bool(other_criteria)),
                 ("output_scores / output_logits", output_scores or output_logits),
                 ("streamer / clasp_streamer", streamer is not None or clasp_streamer is not None),
@@ -194,7 +200,14 @@ def generate(
                 "per prompt for them"
             )
         out = generate_batch(
-            model, input_ids, config, attention_mask=mask, pad_token_id=gc.pad_token_id
+            model,
+            input_ids,
+            config,
+            attention_mask=mask,
+            pad_token_id=gc.pad_token_id,
+            row_logits_processors=None
+            if hook is None
+            else [_row_processors(hook, b, input_ids.shape[0]) for b in range(input_ids.shape[0])],
         )
         sequences = out.sequences.to(input_ids.device)
         if gc.return_dict_in_generate:
@@ -306,6 +319,31 @@ def _split_criteria(criteria, gc):
     if max_length is None:
         raise ValueError("clasp_ext.hf.generate: set max_new_tokens or max_length")
     return max_length, eos, rest
+
+
+def _row_processors(processors: LogitsProcessorList, b: int, B: int) -> LogitsProcessorList:
+    """Row b's view of processors transformers built for a batch of B rows, to score that row
+    alone ([1, n] ids, as batch.py does): per-row tensors sliced to row b (repetition penalty's
+    prompt padding lengths, transformers 5.x; the encoder repetition penalty's prompt ids) and
+    a prefix_allowed_tokens_fn asked about batch id b."""
+    rows = []
+    for p in processors:
+        name = type(p).__name__
+        if name in _BATCH_REFUSED:
+            raise ValueError(
+                f"clasp_ext.hf.generate: the logits processor {name} is not supported with a "
+                "batch; call generate once per prompt for it"
+            )
+        q = copy.copy(p)
+        for attr in ("prompt_ignore_length", "encoder_input_ids"):
+            v = getattr(p, attr, None)
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B:
+                setattr(q, attr, v[b : b + 1])
+        fn = getattr(p, "_prefix_allowed_tokens_fn", None)
+        if fn is not None:
+            q._prefix_allowed_tokens_fn = lambda _batch_id, ids, _fn=fn, _b=b: _fn(_b, ids)
+        rows.append(q)
+    return LogitsProcessorList(rows)
 
 
 def _split_processors(processors):

@@ -79,6 +79,85 @@ def test_rows_equal_their_own_generate(family, policy):
     assert sum(f.stats.drafted for f in done) > sum(f.stats.accepted for f in done)  # and rejected
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+@torch.no_grad()
+def test_logits_processor_per_row(policy):
+    """A logits processor applies to each row's own tokens (drafts, verify rows, the first
+    token): every row equals model.generate with the same processors on its prompt alone."""
+    from transformers.generation import (
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    model = tiny_model("qwen2", layers=6, seed=6)
+    prompts = prompts_for(13, 5)
+    kw = dict(do_sample=False, max_new_tokens=18, repetition_penalty=1.4, no_repeat_ngram_size=2)
+    want = [
+        model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)).long(), **kw)
+        for p in prompts
+    ]
+    proc = LogitsProcessorList(
+        [RepetitionPenaltyLogitsProcessor(1.4), NoRepeatNGramLogitsProcessor(2)]
+    )
+    dec = BatchDecoder(
+        model,
+        max_batch=3,
+        policy=policy,
+        num_skip_layers=2,
+        max_new_tokens=18,
+        max_cache_len=96,
+        cost_tables=FLAT,
+        logits_processor=proc,
+    )
+    for p in prompts:
+        dec.add(torch.tensor(p))
+    done = dec.run()
+    for f, w, p in zip(done, want, prompts, strict=True):
+        assert_lossless(model, f.tokens, w[0].tolist(), len(p))
+    assert sum(f.stats.drafted for f in done) > 0  # processed drafts were verified
+
+
+class ForceByLength:
+    """Forces a token that depends on the sequence length only: a draft scored with the right
+    context proposes exactly what the verify pass (scored alike) emits."""
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, float("-inf"))
+        out[:, 3 + (7 * input_ids.shape[1]) % 200] = 0.0
+        return out
+
+
+@torch.no_grad()
+def test_logits_processor_contexts_per_row():
+    """Each row's draft and verify positions are scored with that row's own context, at its own
+    length: with a processor that forces a length-dependent token, every layer-skip draft token
+    is accepted (one position off anywhere and they would be rejected), per-request processors
+    (``add(logits_processor=)``) included."""
+    model = tiny_model("llama", layers=6, seed=6)
+    prompts = prompts_for(17, 4)
+    dec = BatchDecoder(
+        model,
+        max_batch=3,
+        policy="fixed",
+        lookup_ngram=0,
+        num_skip_layers=2,
+        max_draft=4,
+        max_new_tokens=14,
+        eos_token_id=[],
+        logits_processor=ForceByLength(),
+    )
+    for i, p in enumerate(prompts):
+        dec.add(torch.tensor(p), logits_processor=ForceByLength() if i % 2 else None)
+    done = dec.run()
+    for f, p in zip(done, prompts, strict=True):
+        want = [3 + (7 * n) % 200 for n in range(len(p), len(p) + 14)]
+        assert f.new_tokens == want
+        assert f.stats.drafted > 0 and f.stats.accepted == f.stats.drafted
+    with pytest.raises(TypeError, match="logits_processor must be callable"):
+        dec.add(torch.tensor(prompts[0]), logits_processor=[ForceByLength()])
+
+
 @torch.no_grad()
 def test_requests_join_while_others_decode():
     """Requests added between rounds join without disturbing the rows already decoding."""
@@ -229,7 +308,42 @@ def test_batch_errors():
         generate(model, ids, attention_mask=torch.ones(2, 3))
     with pytest.raises(TypeError, match="ClaspConfig"):
         generate_batch(model, ids, config={"max_draft": 2})
+    with pytest.raises(ValueError, match="batch_skip_rule must be one of"):
+        BatchDecoder(model, max_batch=2, batch_skip_rule="union")
     assert isinstance(ClaspConfig(), ClaspConfig)
+
+
+@pytest.mark.parametrize("rule", ["vote", "agreed"])
+@torch.no_grad()
+def test_batch_skip_rules(rule):
+    """The shared skip set from the rows' DP masks: "vote" skips the M layers most rows skip,
+    "agreed" only those every row skips; rows stay lossless either way."""
+    model = tiny_model("llama", layers=8, seed=12)
+    prompts = prompts_for(21, 3)
+    dec = BatchDecoder(
+        model,
+        max_batch=3,
+        max_new_tokens=12,
+        num_skip_layers=3,
+        policy="fixed",
+        eos_token_id=[],
+        batch_skip_rule=rule,
+    )
+    for p in prompts:
+        dec.add(torch.tensor(p))
+    dec.step()  # all three join
+    masks = [s.skip for s in dec.rows]
+    votes = [sum(m[i] for m in masks) for i in range(8)]
+    if rule == "agreed":
+        want = [v == 3 for v in votes]
+    else:
+        top = sorted(range(8), key=lambda i: (-votes[i], i))[:3]
+        want = [i in top for i in range(8)]
+    assert dec.skip == want
+    assert sum(dec.skip) <= 3
+    done = dec.run()
+    for f, p in zip(done, prompts, strict=True):
+        assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 12), len(p))
 
 
 @torch.no_grad()
@@ -265,6 +379,73 @@ def test_batch_policy_follows_the_cost_table():
         flat.layer_skip_rounds > 0
         and flat.lookup_rounds + flat.layer_skip_rounds > flat.rounds // 2
     )
+
+
+@torch.no_grad()
+def test_batch_policy_scales_the_table_by_measured_round_times():
+    """The batched policy times its rounds against a measured table (policy.TimeScale, per round
+    kind; synthetic tables are used as given): drafted rounds that measure far slower than the
+    table says turn the rounds plain, and an unobserved kind drifts back toward the table."""
+    from clasp_ext.decoding.policy import LAYER_SKIP, LOOKUP, PLAIN, TimeScale
+
+    ts = TimeScale()
+    for _ in range(40):
+        ts.observe(LAYER_SKIP, 0.1, 0.15)
+    assert ts(LAYER_SKIP) == pytest.approx(1.5, rel=0.02) and ts(PLAIN) == 1.0
+    ts.observe(PLAIN, 0.1, 1e3)  # a stray pause: clipped, not a write-off
+    assert ts(PLAIN) <= 2.0 and ts(LOOKUP) == 1.0
+    for _ in range(300):
+        ts.observe(PLAIN, 0.1, 0.1)
+    assert ts(LAYER_SKIP) == pytest.approx(1.0, abs=0.05)  # drifted back while unobserved
+    model = tiny_model("llama", layers=6, seed=9)
+    flat = {b: CostTable({1: 1.0, 16: 1.0}, 0.05, 0.0, repeats=1) for b in (1, 2)}
+    assert flat[1].measured and not FLAT[1].measured
+    dec = BatchDecoder(
+        model, max_batch=2, max_new_tokens=8, num_skip_layers=2, cost_tables=flat, eos_token_id=[]
+    )
+    for p in prompts_for(5, 2):
+        dec.add(torch.tensor(p))
+    dec.step()
+    caps, looked = [6, 6], [([], 0), ([], 0)]
+    assert dec._choose(2, caps, looked)[0] == LAYER_SKIP  # verify flat: a draft pays
+    dec.policy.time_scale.r[LAYER_SKIP] = 10.0  # layer-skip rounds measured 10x the table
+    assert dec._choose(2, caps, looked) == (PLAIN, 0)
+
+
+def test_batch_margin_is_wider_than_batch_one():
+    """A draft that promises 6% more than a plain step runs at batch 1 (MIN_GAIN) but not at
+    batch 2 (BATCH_MIN_GAIN): drafting at break-even lost 5-13% to model.generate in batches."""
+    from clasp_ext.decoding.policy import BATCH_MIN_GAIN, LAYER_SKIP, MIN_GAIN, PLAIN
+
+    # one draft token at the layer-skip prior (0.8): 1.8 tokens for 1.7 steps = 1.059x
+    table = CostTable({1: 1.0, 2: 1.7, 32: 60.0}, 1e-6, 0.0)
+    assert MIN_GAIN < 1.8 / 1.7 < BATCH_MIN_GAIN
+    model = tiny_model("llama", layers=6, seed=9)
+    dec = BatchDecoder(model, max_batch=2, num_skip_layers=2, cost_tables={1: table, 2: table})
+    dec.skip = [True, True] + [False] * 4
+    assert dec._choose(1, [6], [([], 0)]) == (LAYER_SKIP, 1)
+    assert dec._choose(2, [6, 6], [([], 0), ([], 0)]) == (PLAIN, 0)
+
+
+@pytest.mark.parametrize("rule", ["vote", "agreed"])
+def test_shared_skip_rules_from_given_masks(rule):
+    """batch_skip_rule on hand-made row masks: "vote" the M layers most rows skip (ties to the
+    lower layer), "agreed" only the layers every row skips."""
+    model = tiny_model("llama", layers=6, seed=1)
+    dec = BatchDecoder(
+        model, max_batch=3, num_skip_layers=2, batch_skip_rule=rule, cost_tables=FLAT
+    )
+
+    class Row:
+        def __init__(self, layers):
+            self.skip = [i in layers for i in range(6)]
+
+    dec.rows = [Row({1, 4}), Row({1, 3}), Row({1, 4})]
+    want = {1, 4} if rule == "vote" else {1}
+    assert dec._shared_skip() == [i in want for i in range(6)]
+    dec.rows = [Row({2, 5}), Row({3, 4})]  # no layer has a majority: ties to the lower layers
+    want = {2, 3} if rule == "vote" else set()
+    assert dec._shared_skip() == [i in want for i in range(6)]
 
 
 def test_cost_tables_between_powers_of_two_are_interpolated():

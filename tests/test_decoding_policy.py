@@ -225,3 +225,30 @@ def test_longer_matches_are_tried_where_shorter_ones_are_not():
     assert [lookup_source(n) for n in (1, 2, 3, 5)] == [SHORT_LOOKUP, LOOKUP, LONG_LOOKUP] + [
         LONG_LOOKUP
     ]
+
+
+def test_round_times_scale_a_measured_table_only():
+    """online_costs: the rounds' measured times scale a measured table per round kind
+    (TimeScale); a synthetic table, or online_costs=False, is used as given. Layer-skip rounds
+    that measure twice the table turn a draft into plain steps."""
+    measured = CostTable(dict(FLAT.verify_s), FLAT.draft_step_s, FLAT.dp_s, repeats=3)
+    assert measured.measured and not FLAT.measured
+    for table, online, scaled in (
+        (FLAT, True, False),
+        (measured, False, False),
+        (measured, True, True),
+    ):
+        pol = CostPolicy(table, exit_threshold=False, online_costs=online)
+        before = pol._cost(LAYER_SKIP, 4)
+        assert pol.choose(MAX_DRAFT).kind == LAYER_SKIP
+        for _ in range(60):
+            pol.observe_time(LAYER_SKIP, 4, 4, 2.0 * pol.table_s(LAYER_SKIP, 4, 4))
+        assert pol._cost(LAYER_SKIP, 4) == pytest.approx(2 * before if scaled else before, rel=0.02)
+        assert pol._cost(PLAIN, 0) == pytest.approx(table.verify(1))
+        assert (pol.choose(MAX_DRAFT).kind == PLAIN) == scaled
+
+
+def test_online_costs_is_validated():
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(ValueError, match="online_costs must be True or False"):
+        generate(model, torch.tensor([[3, 4]]), online_costs="yes")

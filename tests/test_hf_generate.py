@@ -15,6 +15,7 @@ from transformers.generation import (
     LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
+    MaxTimeCriteria,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -235,12 +236,23 @@ def test_refusals():
             model.generate(inputs, max_new_tokens=4, custom_generate=custom_generate, **kw)
 
     refused("repeat the prompt in the batch", do_sample=True, num_return_sequences=2)
-    refused("with a batch .* logits processors", inputs=ids.repeat(2, 1), repetition_penalty=1.2)
+    refused(
+        "with a batch .* stopping criteria",
+        inputs=ids.repeat(2, 1),
+        stopping_criteria=StoppingCriteriaList([MaxTimeCriteria(60.0)]),
+    )
     refused(
         "with a batch .* output_scores",
         inputs=ids.repeat(2, 1),
         return_dict_in_generate=True,
         output_scores=True,
+    )
+    refused(
+        "EncoderNoRepeatNGramLogitsProcessor is not supported with a batch",
+        inputs=ids.repeat(2, 1),
+        logits_processor=LogitsProcessorList(
+            [tf.generation.EncoderNoRepeatNGramLogitsProcessor(2, ids.repeat(2, 1))]
+        ),
     )
     refused("UnbatchedClassifierFreeGuidanceLogitsProcessor.*guidance_scale", guidance_scale=1.5)
     refused("Custom is not supported", logits_processor=LogitsProcessorList([Custom()]))
@@ -349,3 +361,39 @@ def test_left_padded_batch(family):
         return max(lengths)
 
     assert got.shape[1] == T + width(got) and want.shape[1] == T + width(want)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@torch.no_grad()
+def test_left_padded_batch_with_processors(family):
+    """Processors on a left-padded batch apply per row to the row as plain generate shows it (its
+    pads, prompt and tokens: min_length counts the pads), with each row's slice of what
+    transformers built for the batch (the repetition penalty's per-row prompt padding, the
+    encoder repetition penalty's prompt ids, prefix_allowed_tokens_fn's batch id): each row
+    equals plain generate's row of the same batch, near-ties aside."""
+    model = tiny_model(family, layers=6, seed=9)
+    lens = (5, 12, 8)
+    T = max(lens)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, T - n :], mask[b, T - n :] = prompt(n, 40 + b)[0], 1
+    for kw in (
+        dict(repetition_penalty=1.5),
+        dict(no_repeat_ngram_size=2, min_new_tokens=10),
+        dict(min_length=T + 8, suppress_tokens=[7, 8, 9]),
+        dict(encoder_repetition_penalty=1.6),
+        # each row its own allowed tokens: a wrong batch id shows in the output
+        dict(prefix_allowed_tokens_fn=lambda b, _ids: list(range(10 + 30 * b, 40 + 30 * b))),
+    ):
+        kw = dict(kw, do_sample=False, max_new_tokens=16, pad_token_id=0)
+        want = model.generate(ids, attention_mask=mask, **kw)
+        got = model.generate(ids, attention_mask=mask, custom_generate=clasp(), **kw)
+        assert torch.equal(got[:, :T], ids)
+        for b, n in enumerate(lens):
+            row_got = got[b, T - n :].tolist()
+            row_want = want[b, T - n :].tolist()
+            m = min(len(row_got), len(row_want))
+            assert_lossless(model, row_got[:m], row_want[:m], n)
+            if "prefix_allowed_tokens_fn" in kw:
+                assert all(10 + 30 * b <= t < 40 + 30 * b for t in got[b, T:].tolist() if t)

@@ -32,8 +32,9 @@ model's logits for that row; the other rows only share the forward. Sampling dra
 randomness from its own generator (``add(seed=...)``): its tokens follow the full model's
 distribution whoever else is in the batch (how many draws a round takes depends on the round's
 shared draft length, so the same seed in another batch can give other, equally distributed,
-tokens). Batch size 1 callers get ``ClaspDecoder`` (loop.py), which also has the per-round
-lookup-versus-layer-skip policy, logits processors and streamers; this loop has callbacks.
+tokens). Batch size 1 callers get ``ClaspDecoder`` (loop.py), which also has streamers, output
+scores and the per-token exit threshold; this loop has callbacks and, like it, logits processors
+(``logits_processor``: applied per row, to that row's own tokens).
 """
 
 from __future__ import annotations
@@ -51,16 +52,19 @@ from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.cost_model import CostTable, get_cost_table
 from clasp_ext.decoding.draft_head import DraftHead
 from clasp_ext.decoding.inputs import check_token_ids, unpadded_rows
-from clasp_ext.decoding.layer_search import (
-    dp_skip_search,
-    importance_skip_mask,
-    random_skip_mask,
-)
+from clasp_ext.decoding.layer_search import random_skip_mask, searched_skip_mask
 from clasp_ext.decoding.lookup import LookupIndex
 from clasp_ext.decoding.loop import ClaspStats, _count
 from clasp_ext.decoding.low_bit import int8_draft_for
-from clasp_ext.decoding.phases import accept, cut_at_stop, process_logits
+from clasp_ext.decoding.phases import (
+    accept,
+    apply_processor,
+    cut_at_stop,
+    draft_step,
+    first_token,
+)
 from clasp_ext.decoding.policy import (
+    BATCH_MIN_GAIN,
     LAYER_SKIP,
     LOOKUP,
     MIN_GAIN,
@@ -113,9 +117,13 @@ class Finished:
 class _Sequence:
     """One request's state on the host; its K/V lives in one row of the shared cache."""
 
-    def __init__(self, rid, prompt, max_new, callback, generator, lookup_ngram):
+    def __init__(
+        self, rid, prompt, max_new, callback, generator, lookup_ngram, pads=(), processor=None
+    ):
         self.id = rid
+        self.processor = processor  # its logits processor (None: the decoder's, if any)
         self.tokens = list(prompt)  # prompt + emitted; all but the last are in the cache
+        self.pads = list(pads)  # a padded batch row's pads before its prompt (processors see them)
         self.prompt_len = len(prompt)
         self.max_new = max_new
         self.callback = callback
@@ -152,6 +160,7 @@ class BatchDecoder:
         max_batch: int = 8,
         callback=None,
         cost_tables: dict[int, CostTable] | None = None,
+        logits_processor=None,
         **overrides,
     ):
         config = ClaspConfig.of(config, **overrides)
@@ -166,12 +175,15 @@ class BatchDecoder:
         self.capacity = c.max_cache_len or DEFAULT_SERVING_CACHE_LEN
         self.headroom = c.cache_headroom
         self.callback = callback
+        self.logits_processor = logits_processor
         self.int8_draft = int8_draft_for(a, c.draft_weights, c.num_skip_layers)
         self.draft_head = DraftHead(a, c.draft_vocab_size, int8=self.int8_draft is not None)
         self.cost_tables: dict[int, CostTable] = dict(cost_tables or {})
         self.policy = None
         if c.policy == "cost":  # drafts of exactly k tokens: no exit threshold in batches
-            self.policy = CostPolicy(self._measured(1), exit_threshold=False)
+            self.policy = CostPolicy(
+                self._measured(1), exit_threshold=False, online_costs=c.online_costs
+            )
         self.cache = a.new_cache(self.capacity, batch=max_batch)
         self._device_state()
         if self.policy is not None:
@@ -214,17 +226,22 @@ class BatchDecoder:
         max_new_tokens: int | None = None,
         seed: int | None = None,
         callback=None,
+        logits_processor=None,
     ) -> int:
         """Queues one prompt ([T] or [1, T] ids); returns its request id. ``callback(tokens)``
-        (or the decoder's ``callback(id, tokens)``) gets its new tokens as they come."""
+        (or the decoder's ``callback(id, tokens)``) gets its new tokens as they come;
+        ``logits_processor`` (or the decoder's) scores this request's positions (ClaspDecoder's
+        protocol: a pure function of (input_ids [1, n], scores [1, V]))."""
         ids = check_token_ids(input_ids, self.device, self.adapter.vocab_size)
         if ids.shape[0] != 1:
             raise ValueError(
                 f"clasp_ext: add() takes one prompt, got batch size {ids.shape[0]}; add each row"
             )
-        return self._add(ids[0].tolist(), max_new_tokens, seed, callback)
+        return self._add(ids[0].tolist(), max_new_tokens, seed, callback, (), logits_processor)
 
-    def _add(self, prompt: list[int], max_new_tokens, seed, callback) -> int:
+    def _add(
+        self, prompt: list[int], max_new_tokens, seed, callback, pads=(), processor=None
+    ) -> int:
         c = self.config
         max_new = c.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new, int) or max_new < 0:
@@ -246,7 +263,15 @@ class BatchDecoder:
             gen.manual_seed(seed)
         if callback is None and self.callback is not None:
             callback = lambda toks, _f=self.callback, _r=rid: _f(_r, toks)  # noqa: E731
-        self.queue.append(_Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram))
+        processor = processor if processor is not None else self.logits_processor
+        if processor is not None and not callable(processor):
+            raise TypeError(
+                "clasp_ext: logits_processor must be callable (input_ids, scores) -> scores, e.g. "
+                f"a LogitsProcessorList, got {type(processor).__name__}"
+            )
+        self.queue.append(
+            _Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram, pads, processor)
+        )
         return rid
 
     @property
@@ -305,16 +330,10 @@ class BatchDecoder:
             draft_step_s=(1 - w) * t_lo.draft_step_s + w * t_hi.draft_step_s,
             dp_s=0.0,
             setup={"interpolated_batch": B, "between": [lo, hi]},
+            repeats=min(t_lo.repeats, t_hi.repeats),
         )
         self.cost_tables[B] = table
         return table
-
-    def _first_token(self, seq: _Sequence, logits: Tensor) -> int:
-        c = self.config
-        if c.greedy:
-            return int(logits.argmax(-1))
-        p = process_logits(logits, c.temperature, c.top_k, c.top_p)
-        return int(torch.multinomial(p, 1, generator=seq.generator))
 
     @torch.no_grad()
     def _prefill(self, seq: _Sequence, b: int) -> None:
@@ -329,7 +348,10 @@ class BatchDecoder:
         row = self.cache.row(b)
         ids = torch.tensor([seq.tokens], device=self.device)
         h, hs = a.forward(ids, 0, row, keep_hidden="last")
-        tok = self._first_token(seq, a.head(h[:, -1])[0])
+        scores = a.head(h[:, -1])
+        if seq.processor is not None:
+            scores = apply_processor(seq.processor, self._context(seq), scores[:, None])[:, 0]
+        tok = int(first_token(c, scores, [seq.generator]))
         M, strategy = c.num_skip_layers, c.skip_strategy
         if M > 0 and isinstance(strategy, str):
             if strategy == "random":
@@ -338,10 +360,8 @@ class BatchDecoder:
                 seq.skip = random_skip_mask(a.num_layers, M, g)
             else:
                 target = torch.stack([x[:, -1] for x in hs], 1)
-                if strategy == "importance":
-                    mask, _ = importance_skip_mask(target, M)
-                else:
-                    mask = dp_skip_search(a, row, target, T - 1, T, M)
+                mask, _ = searched_skip_mask(strategy, a, row, target, T - 1, T, M)
+                if strategy != "importance":
                     self.stats.dp_runs += 1
                     seq.stats.dp_runs += 1
                 seq.skip = [bool(x) for x in mask[0].tolist()]
@@ -352,22 +372,50 @@ class BatchDecoder:
         self.stats.prefills += 1
         self._stream([(seq, self._commit(seq, [tok]))])
 
+    def _context(self, seq: _Sequence, drafts: Tensor | None = None) -> Tensor:
+        """What ``logits_processor`` sees of a row: [1, n] ids (its pads, prompt, emitted tokens,
+        then ``drafts`` [1, j] when given)."""
+        ids = torch.tensor([seq.pads + seq.tokens], device=self.device)
+        return ids if drafts is None else torch.cat([ids, drafts], 1)
+
+    def _processed_rows(self, contexts: list[Tensor], logits: Tensor, num: list[int]) -> Tensor:
+        """Each row's logits processor on its positions: row b of ``logits`` [B, R, V] scores
+        the token after ``contexts[b]`` [1, n_b] and then after each of the first ``num[b]``
+        tokens appended to it (the positions past those are never read and stay raw)."""
+        out = logits.clone() if logits.dtype == torch.float32 else logits.float()
+        for b, (ctx, seq) in enumerate(zip(contexts, self.rows, strict=True)):
+            if seq.processor is not None:
+                m = num[b] + 1
+                out[b : b + 1, :m] = apply_processor(seq.processor, ctx, logits[b : b + 1, :m])
+        return out
+
+    @property
+    def _processing(self) -> bool:
+        return any(s.processor is not None for s in self.rows)
+
+    def _set_skip(self) -> None:
+        """The batch's skip set for the live rows, and the low-bit copies its draft uses."""
+        self.skip = self._shared_skip()
+        if self.int8_draft is not None and any(self.skip):
+            self.int8_draft.prepare(self.skip)
+
     def _shared_skip(self) -> list[bool]:
-        """The M layers most live rows' own masks skip (ties to the lower layer), each row's mask
-        from its skip_strategy at join ("dp" and "static": the DP on its last prompt token); an
-        explicit list (``skip_strategy=[...]``) as given."""
+        """The batch's skip set from the live rows' own masks (each from its skip_strategy at
+        join; "dp" and "static": the DP on its last prompt token), by ``batch_skip_rule``:
+        "vote", the M layers most rows skip (ties to the lower layer); "agreed", the layers every
+        row skips. An explicit list (``skip_strategy=[...]``) as given."""
         c, L, M = self.config, self.adapter.num_layers, self.config.num_skip_layers
         if not isinstance(c.skip_strategy, str):
             chosen = set(c.skip_strategy)
             return [i in chosen for i in range(L)]
-        votes = [0] * L
-        for seq in self.rows:
-            for i, s in enumerate(seq.skip or ()):
-                votes[i] += s
-        if M == 0 or not any(votes):
+        masks = [s.skip for s in self.rows if s.skip]
+        if M == 0 or not masks:
             return [False] * L
+        votes = [sum(m[i] for m in masks) for i in range(L)]
+        if c.batch_skip_rule == "agreed":
+            return [v == len(masks) for v in votes]
         chosen = set(sorted(range(L), key=lambda i: (-votes[i], i))[:M])
-        return [i in chosen for i in range(L)]
+        return [i in chosen and votes[i] > 0 for i in range(L)]
 
     def _admit(self) -> list[Finished]:
         done = []
@@ -381,7 +429,7 @@ class BatchDecoder:
                 self.rows.append(seq)
                 changed = True
         if changed:
-            self.skip = self._shared_skip()
+            self._set_skip()
         return done
 
     def _choose(self, B: int, caps: list[int], looked: list[tuple[list[int], int]]):
@@ -398,20 +446,25 @@ class BatchDecoder:
                 return LAYER_SKIP, k_ls
             return (LOOKUP, max(lens)) if any(lens) else (PLAIN, 0)
         pol = self.policy
-        table = pol.table = self._table(B)
-        best, choice = B / table.verify(1) * MIN_GAIN, (PLAIN, 0)
+        pol.table = self._table(B)
+
+        def seconds(kind, k):  # the table's time, scaled as this decoder's rounds measured
+            return pol._cost(kind, k)
+
+        gain = MIN_GAIN if B == 1 else BATCH_MIN_GAIN
+        best, choice = B / seconds(PLAIN, 0) * gain, (PLAIN, 0)
         if k_ls > 0:
             e = pol.sources[LAYER_SKIP].expected(k_ls)
             for k in range(1, k_ls + 1):  # a row near its end drafts only up to its cap
                 emitted = sum(e[min(k, cap)][0] for cap in caps)
-                rate = emitted / (k * table.draft_step_s + table.verify(k + 1))
+                rate = emitted / seconds(LAYER_SKIP, k)
                 if rate > best:
                     best, choice = rate, (LAYER_SKIP, k)
         if any(lens):
             per_row = [pol.sources[lookup_source(n)].expected(len(t)) for t, n in looked]
             for k in range(1, max(lens) + 1):
                 emitted = sum(e[min(k, len(e) - 1)][0] for e in per_row)
-                rate = emitted / table.verify(k + 1)
+                rate = emitted / seconds(LOOKUP, k)
                 if rate > best:
                     best, choice = rate, (LOOKUP, k)
         return choice
@@ -434,29 +487,41 @@ class BatchDecoder:
             q = None if c.greedy else torch.nn.functional.one_hot(lk, V).to(torch.float32)
             return lk, q
         drafts, qs, tok = [], [], t0
+        gens = [s.generator for s in self.rows]
+        proc = None
+        if self._processing:
+            contexts = [self._context(s) for s in self.rows]
+
+            def proc(full: Tensor) -> Tensor:  # each row's next position after its drafts
+                ctx = [
+                    torch.cat([x, *(d[b : b + 1] for d in drafts)], 1)
+                    for b, x in enumerate(contexts)
+                ]
+                return self._processed_rows(ctx, full[:, None], [0] * B)[:, 0]
+
         thr = c.draft_exit_threshold if self.policy is None else 0.0
         weights = contextlib.nullcontext()
         if self.int8_draft is not None:
             weights = self.int8_draft.active(self.skip)
         with weights:
             for j in range(k):
-                h, _ = a.forward(tok, starts + j, self.cache, skip=self.skip, kv_len=kv0 + j)
+                nxt, q, top1 = draft_step(
+                    c,
+                    a,
+                    dh,
+                    tok,
+                    starts + j,
+                    self.cache,
+                    self.skip,
+                    gens,
+                    kv_len=kv0 + j,
+                    processor=proc,
+                    want_top1=thr > 0,
+                )
                 self.stats.draft_steps += 1
-                logits = dh.logits(h)[:, -1]
-                if c.greedy:
-                    nxt = dh.token_ids(logits.argmax(-1, keepdim=True))
-                    top1 = logits.float().softmax(-1).amax(-1) if thr > 0 else None
-                else:
-                    q = process_logits(logits, c.temperature, c.top_k, c.top_p)
-                    idx = torch.cat(
-                        [
-                            torch.multinomial(q[b], 1, generator=s.generator)[None]
-                            for b, s in enumerate(self.rows)
-                        ]
-                    )
-                    nxt, top1 = dh.token_ids(idx), q.amax(-1)
+                if q is not None:  # a looked-up token's proposal is a point mass
                     one_hot = torch.nn.functional.one_hot(lk[:, j], V).to(q.dtype)
-                    qs.append(torch.where(has[:, j, None], one_hot, dh.full_probs(q)))
+                    qs.append(torch.where(has[:, j, None], one_hot, q))
                 nxt = torch.where(has[:, j : j + 1], lk[:, j : j + 1], nxt)
                 drafts.append(nxt)
                 tok = nxt
@@ -490,6 +555,7 @@ class BatchDecoder:
             for s, cap in zip(rows, caps, strict=True)
         ]
         kind, k = self._choose(B, caps, looked)
+        steps0 = self.stats.draft_steps
         q = None
         if kind == LOOKUP:  # the rows' own matches only
             looked = [(t[:k], n) for t, n in looked]
@@ -510,11 +576,17 @@ class BatchDecoder:
         self.stats.time_draft += t2 - t
         h, _ = a.forward(torch.cat([t0, drafts], 1), starts, self.cache, kv_len=kv0 + k)
         logits = a.head(h)
+        if self._processing:
+            ctx = [self._context(s, drafts[b : b + 1, : num[b]]) for b, s in enumerate(rows)]
+            logits = self._processed_rows(ctx, logits, num)
         num_draft = torch.tensor(num, dtype=torch.int32, device=self.device)
         gens = [s.generator for s in rows]
         accepted, out = accept(c, logits, drafts, num_draft, self._lens[:B], q, gens)
         self._last[:B] = out.gather(1, accepted.long()[:, None])  # the next round's first token
         host = torch.cat([accepted.long()[:, None], out], 1).tolist()  # the round's one read
+        if self.policy is not None:  # the round's time against the table's
+            steps = self.stats.draft_steps - steps0
+            self.policy.observe_time(kind, k, steps, time.perf_counter() - t)
         self.stats.time_verify += time.perf_counter() - t2
         self.stats.rounds += 1
         self.stats.row_rounds += B
@@ -596,7 +668,7 @@ class BatchDecoder:
                 self.rows[b] = self.rows.pop()
             b += 1
         if done:
-            self.skip = self._shared_skip()
+            self._set_skip()
             # the draft head scores the live contexts' rare ids, not every context ever seen
             live = [t for s in [*self.rows, *self.queue] for t in s.tokens]
             self.draft_head.reset(live, list(self._eos))
@@ -629,12 +701,17 @@ def generate_batch(
     attention_mask: Tensor | None = None,
     pad_token_id: int | None = None,
     callback=None,
+    logits_processor=None,
+    row_logits_processors: list | None = None,
     **overrides,
 ) -> BatchOutput:
     """CLaSp on a batch: ``input_ids`` [B, T], padded (left, as for ``model.generate``) where
     ``attention_mask`` is 0. ``.sequences`` is [B, T + the longest row's new tokens], each row
     its prompt as given, then its new tokens, then ``pad_token_id`` after its EOS (the generation
-    config's pad token, else its first EOS, else 0). ``callback(row, tokens)`` streams."""
+    config's pad token, else its first EOS, else 0). ``callback(row, tokens)`` streams.
+    ``logits_processor(input_ids [1, n], scores [1, V]) -> scores`` is applied per row, as in
+    ClaspDecoder, to the row as plain generate shows it: its left padding, prompt and tokens;
+    ``row_logits_processors`` (one per row, or None) gives each row its own instead."""
     config = ClaspConfig.of(config, **overrides)
     dec = BatchDecoder(model, config, callback=callback, max_batch=1)
     ids = check_token_ids(input_ids, dec.device, dec.adapter.vocab_size)
@@ -643,8 +720,15 @@ def generate_batch(
     # rows sized for this batch, as ClaspDecoder sizes its cache for one request
     slots = c.max_cache_len or max(map(len, prompts)) + c.max_new_tokens + dec.headroom
     dec.resize(len(prompts), slots)
-    for prompt in prompts:
-        dec._add(prompt, None, None, None)
+    if row_logits_processors is not None and len(row_logits_processors) != len(prompts):
+        raise ValueError(
+            f"clasp_ext: row_logits_processors has {len(row_logits_processors)} entries for a "
+            f"batch of {len(prompts)}"
+        )
+    for b, prompt in enumerate(prompts):
+        start = 0 if attention_mask is None else attention_mask[b].tolist().index(1)
+        proc = logits_processor if row_logits_processors is None else row_logits_processors[b]
+        dec._add(prompt, None, None, None, pads=ids[b, :start].tolist(), processor=proc)
     finished = dec.run()
     gc = getattr(model, "generation_config", None)
     if pad_token_id is None:

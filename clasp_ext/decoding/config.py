@@ -33,6 +33,9 @@ DEFAULT_LOOKUP_NGRAM = 3
 # length actually verified is chosen from the cost table and the acceptance seen so far.
 DEFAULT_MAX_LOOKUP = 16
 POLICIES = ("fixed", "cost")
+# the skip set a batch shares (batch.py): "vote" skips the M layers most live rows' DPs skip;
+# "agreed" skips only the layers every live row's DP skips (each layer some row keeps runs)
+BATCH_SKIP_RULES = ("vote", "agreed")
 FIRST_DP = ("prefill", "first_round")
 
 
@@ -90,6 +93,12 @@ class ClaspConfig:
     # int8 where one layer's linears measured >= 1.25x faster with it at one token (bf16 on an
     # AVX-512 CPU: 3x; fp32 there: slower, so not), else the model's weights.
     draft_weights: str = "auto"
+    # batches only: how the rows' skip sets become the one the batch drafts with (BATCH_SKIP_RULES)
+    batch_skip_rule: str = "vote"
+    # policy="cost": scale the measured cost table by the rounds' own measured times, per round
+    # kind (policy.TimeScale: the table is timed at one context length, without the loop's host
+    # work); off = the table as measured
+    online_costs: bool = True
 
     @classmethod
     def of(cls, config: ClaspConfig | None, **overrides) -> ClaspConfig:
@@ -247,6 +256,14 @@ class ClaspConfig:
         need(
             self.draft_weights in DRAFT_WEIGHTS,
             f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}",
+        )
+        need(
+            isinstance(self.online_costs, bool),
+            f"online_costs must be True or False, got {self.online_costs!r}",
+        )
+        need(
+            self.batch_skip_rule in BATCH_SKIP_RULES,
+            f"batch_skip_rule must be one of {BATCH_SKIP_RULES}, got {self.batch_skip_rule!r}",
         )
         need(self.seed is None or _is_int(self.seed), f"seed must be an int, got {self.seed!r}")
         need(

@@ -57,6 +57,12 @@ class CostTable:
         if 1 not in self.verify_s:
             raise ValueError("clasp_ext: a cost table needs verify_s[1] (one plain step)")
 
+    @property
+    def measured(self) -> bool:
+        """Timed on this setup (not a synthetic table): loops may scale it by their rounds'
+        measured times (policy.TimeScale)."""
+        return self.repeats > 0
+
     def verify(self, T: int) -> float:
         """Verify cost of T tokens: linear between the measured T, extrapolated past the largest
         along the last segment (never downward). Measured dips are kept: on some CPUs a 1-token

@@ -99,6 +99,18 @@ def importance_skip_mask(target_hidden: Tensor, num_skip: int) -> tuple[Tensor, 
     return mask, imp
 
 
+def searched_skip_mask(
+    strategy: str, adapter, cache, target_hidden: Tensor, target_pos: int, scratch: int, M: int
+) -> tuple[Tensor, Tensor]:
+    """The skip mask of a ``SEARCHED`` strategy for one target token ("dp" and "static": the DP,
+    "importance": the least important layers) and the layers' importance, both [1, L] on the
+    device (arguments as for ``dp_skip_search``)."""
+    if strategy == "importance":
+        return importance_skip_mask(target_hidden, M)
+    mask = dp_skip_search(adapter, cache, target_hidden, target_pos, scratch, M)
+    return mask, ops.layer_importance(target_hidden)
+
+
 def random_skip_mask(num_layers: int, num_skip: int, generator: torch.Generator | None) -> list:
     perm = torch.randperm(num_layers, generator=generator).tolist()
     chosen = set(perm[:num_skip])

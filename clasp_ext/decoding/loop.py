@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from clasp_ext import ops
 from clasp_ext.decoding.adapter import ModelAdapter
 from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.cost_model import CostTable, get_cost_table
@@ -28,14 +27,19 @@ from clasp_ext.decoding.inputs import check_token_ids
 from clasp_ext.decoding.kv_cache import ClaspKVCache
 from clasp_ext.decoding.layer_search import (
     SEARCHED,
-    dp_skip_search,
     explicit_skip_mask,
-    importance_skip_mask,
     random_skip_mask,
+    searched_skip_mask,
 )
 from clasp_ext.decoding.lookup import LookupIndex
 from clasp_ext.decoding.low_bit import int8_draft_for
-from clasp_ext.decoding.phases import accept, cut_at_stop, process_logits
+from clasp_ext.decoding.phases import (
+    accept,
+    apply_processor,
+    cut_at_stop,
+    draft_step,
+    first_token,
+)
 from clasp_ext.decoding.policy import (
     LAYER_SKIP,
     LOOKUP,
@@ -109,10 +113,6 @@ class ClaspStats:
 class ClaspOutput:
     sequences: Tensor  # [1, prompt + new] like model.generate
     stats: ClaspStats
-
-
-def _unchanged(x: Tensor) -> Tensor:
-    return x
 
 
 def _count(hist: dict, k: int) -> None:
@@ -206,7 +206,9 @@ class ClaspDecoder:
         if c.policy == "cost":
             # "dp" reruns the DP every update_interval layer-skip rounds: charge each its share
             dp = self.cost_table.dp_s / c.update_interval if c.skip_strategy == "dp" else 0.0
-            self.policy = CostPolicy(self.cost_table, c.draft_exit_threshold > 0, dp)
+            self.policy = CostPolicy(
+                self.cost_table, c.draft_exit_threshold > 0, dp, online_costs=c.online_costs
+            )
             self._layer_skip_ok = c.num_skip_layers > 0 and self.policy.may_choose(
                 LAYER_SKIP, c.max_draft
             )
@@ -230,11 +232,6 @@ class ClaspDecoder:
         )
         return self.adapter.head(h[:, -1:] if keep_last_only else h), hs
 
-    def _draft_forward(self, tok: Tensor, pos: int) -> Tensor:
-        """The kept layers on one token: draft logits [1, V] (or over the draft vocabulary)."""
-        h, _ = self.adapter.forward(tok, pos, self.cache, skip=self.skip)
-        return self.draft_head.logits(h)[:, -1]
-
     def _draft_weights(self, active: bool):
         """The low-bit copies in place of the kept layers' weights (draft_weights="int8", or
         "auto" where they measured faster)."""
@@ -249,38 +246,31 @@ class ClaspDecoder:
             return 0
         return self.int8_draft.nbytes + self.draft_head.nbytes
 
-    def _probs(self, logits: Tensor) -> Tensor:
-        c = self.config
-        return process_logits(logits, c.temperature, c.top_k, c.top_p)
-
     def _processed(self, ids: Tensor, logits: Tensor) -> Tensor:
-        """``logits_processor`` over the last R positions of ``ids`` [1, n]: row r of ``logits``
-        [1, R, V] scores the token after ``ids[:, : n - R + 1 + r]``. On float32 copies, as
-        model.generate passes them (some processors write in place)."""
-        n, R = ids.shape[1], logits.shape[1]
-        proc = self.logits_processor
-        rows = [
-            proc(ids[:, : n - R + 1 + r], logits[:, r].to(torch.float32, copy=True))
-            for r in range(R)
-        ]
-        return torch.stack(rows, 1)
+        """``logits_processor`` over the last R positions of ``ids`` [1, n]
+        (phases.apply_processor)."""
+        return apply_processor(self.logits_processor, ids, logits)
 
     def _draft_token(self, tok: Tensor, pos: int, prefix: Tensor | None):
-        """One layer-skip draft step after ``tok`` at ``pos``: (next token [1, 1], its proposal
-        distribution q over the full vocabulary or None when greedy, top-1 probability)."""
+        """One layer-skip draft step after ``tok`` at ``pos`` (phases.draft_step): (next token
+        [1, 1], its proposal q over the full vocabulary or None when greedy, top-1 probability).
+        ``prefix``: the sequence before the new token, for the logits processor."""
+        proc = None
+        if self.logits_processor is not None:
+            proc = lambda full: self._processed(prefix, full[:, None])[:, 0]  # noqa: E731
         c = self.config
-        dh = self.draft_head
-        logits = self._draft_forward(tok, pos)  # over the draft vocabulary
-        to_ids, to_full = dh.token_ids, dh.full_probs
-        if self.logits_processor is not None:  # processors index the full vocabulary
-            logits = self._processed(prefix, dh.full_logits(logits)[:, None])[:, 0]
-            to_ids = to_full = _unchanged
-        if c.greedy:
-            top1 = logits.float().softmax(-1).amax(-1) if c.draft_exit_threshold > 0 else None
-            return to_ids(logits.argmax(-1, keepdim=True)), None, top1
-        q = self._probs(logits)
-        idx = torch.multinomial(q, 1, generator=self.generator)
-        return to_ids(idx), to_full(q), q.amax(-1)
+        return draft_step(
+            c,
+            self.adapter,
+            self.draft_head,
+            tok,
+            pos,
+            self.cache,
+            self.skip,
+            [self.generator],
+            processor=proc,
+            want_top1=c.draft_exit_threshold > 0,
+        )
 
     # ------------------------------------------------------------------ skip set
     def _update_skip(self, target_hidden: Tensor, target_pos: int, scratch: int, initial: bool):
@@ -298,13 +288,9 @@ class ClaspDecoder:
         elif strategy in SEARCHED:
             if not initial and strategy == "static":
                 return
-            if strategy == "importance":
-                mask, imp = importance_skip_mask(target_hidden, M)
-            else:
-                mask = dp_skip_search(
-                    self.adapter, self.cache, target_hidden, target_pos, scratch, M
-                )
-                imp = ops.layer_importance(target_hidden)
+            mask, imp = searched_skip_mask(
+                strategy, self.adapter, self.cache, target_hidden, target_pos, scratch, M
+            )
             host = self._sync(torch.cat([mask.float(), imp.float()], 1)[0])
             self.skip = [bool(x) for x in host[:L]]
             self.stats.importance = host[L:]
@@ -312,6 +298,8 @@ class ClaspDecoder:
         self.stats.skip_layers = [i for i in range(L) if self.skip[i]]
         self.stats.time_dp += time.perf_counter() - t
         self._rounds_since_dp = 0
+        if self.int8_draft is not None and any(self.skip):  # not inside a (timed) draft round
+            self.int8_draft.prepare(self.skip)
 
     def _cpu_generator(self) -> torch.Generator:
         g = torch.Generator()
@@ -377,10 +365,7 @@ class ClaspDecoder:
         scores = logits[:, -1]
         if self.logits_processor is not None:
             scores = self._processed(ids, logits)[:, 0]
-        if c.greedy:
-            first = scores.argmax(-1, keepdim=True)
-        else:
-            first = torch.multinomial(self._probs(scores), 1, generator=self.generator)
+        first = first_token(c, scores, [self.generator])
         if self.keep_logits:
             self.token_logits.append(logits[0, -1].to(torch.float32, copy=True))
         self._t0_dev = first  # [1, 1]
@@ -483,6 +468,7 @@ class ClaspDecoder:
         self.stats.accepted += acc
         if self.policy is not None:
             self.policy.observe(kind, k, acc, k_max)
+            self.policy.observe_time(kind, k, k if kind == LAYER_SKIP else 0, t3 - t)
 
         # ---- EOS / length (exact: never past EOS, never past max_new_tokens)
         emitted = cut_at_stop(emitted, self._eos, remaining)

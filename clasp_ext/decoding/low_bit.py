@@ -172,6 +172,13 @@ class Int8Draft:
             self._copies[i] = [(m, int8_copy(m)) for m in int8_linears(self.layers[i])]
         return self._copies[i]
 
+    def prepare(self, skip: list[bool]) -> None:
+        """Builds the copies a draft with ``skip`` uses (else built on first use, inside the first
+        draft round, whose time a loop may be measuring)."""
+        for i, skipped in enumerate(skip):
+            if not skipped:
+                self._layer(i)
+
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for pairs in self._copies.values() for _, w in pairs)

@@ -1,6 +1,8 @@
-"""The phases both decoding loops share (loop.py: one sequence; batch.py: many): the acceptance
-of a verified round and the cut of emitted tokens at a stop. One implementation each, so the
-batch-1 and the batched loop cannot drift apart on what makes them lossless."""
+"""The phases both decoding loops share (loop.py: one sequence; batch.py: many): the first token
+after a prefill, a layer-skip draft step, the acceptance of a verified round and the cut of
+emitted tokens at a stop. One implementation each, so the batch-1 and the batched loop cannot
+drift apart on what makes them lossless. Row b of a batch draws its randomness from
+``generators[b]`` alone."""
 
 from __future__ import annotations
 
@@ -25,6 +27,72 @@ def process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
         remove[..., -1:] = False
         x = x.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
     return x.softmax(dim=-1)
+
+
+def apply_processor(processor, ids: Tensor, logits: Tensor) -> Tensor:
+    """A logits processor (transformers' ``LogitsProcessor`` protocol: ``(input_ids [1, n],
+    scores [1, V] float32) -> scores``) over the last R positions of one sequence ``ids`` [1, n]:
+    row r of ``logits`` [1, R, V] scores the token after ``ids[:, : n - R + 1 + r]``. On float32
+    copies, as model.generate passes them (some processors write in place)."""
+    n, R = ids.shape[1], logits.shape[1]
+    rows = [
+        processor(ids[:, : n - R + 1 + r], logits[:, r].to(torch.float32, copy=True))
+        for r in range(R)
+    ]
+    return torch.stack(rows, 1)
+
+
+def sample_rows(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """One index per row of ``probs`` [B, V], row b drawn with ``generators[b]``: [B, 1]."""
+    rows = zip(probs.split(1), generators, strict=True)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in rows])
+
+
+def first_token(config, scores: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """The token after a prefill from the full model's (processed) scores [B, V]: the argmax, or
+    a sample of temperature / top-k / top-p. [B, 1]."""
+    if config.greedy:
+        return scores.argmax(-1, keepdim=True)
+    p = process_logits(scores, config.temperature, config.top_k, config.top_p)
+    return sample_rows(p, generators)
+
+
+def draft_step(
+    config,
+    adapter,
+    draft_head,
+    tokens: Tensor,
+    start,
+    cache,
+    skip: list[bool],
+    generators: list[torch.Generator],
+    *,
+    kv_len: int | None = None,
+    processor=None,
+    want_top1: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One layer-skip draft step: the kept layers on ``tokens`` [B, 1] at ``start`` (an int, or
+    per-row positions with ``kv_len``: adapter.forward), then the draft head. Returns (the next
+    draft tokens [B, 1] as full-vocabulary ids; their proposal distributions q [B, V] over the
+    full vocabulary, None when greedy; the top-1 probabilities [B] when sampling or
+    ``want_top1``, for the exit threshold). ``processor(full_logits [B, V]) -> [B, V]`` applies
+    a logits processor (it indexes the full vocabulary, so the draft head's logits are widened
+    first)."""
+    h, _ = adapter.forward(tokens, start, cache, skip=skip, kv_len=kv_len)
+    logits = draft_head.logits(h)[:, -1]  # over the draft vocabulary
+    to_ids, to_full = draft_head.token_ids, draft_head.full_probs
+    if processor is not None:
+        logits = processor(draft_head.full_logits(logits))
+        to_ids = to_full = _unchanged
+    if config.greedy:
+        top1 = logits.float().softmax(-1).amax(-1) if want_top1 else None
+        return to_ids(logits.argmax(-1, keepdim=True)), None, top1
+    q = process_logits(logits, config.temperature, config.top_k, config.top_p)
+    return to_ids(sample_rows(q, generators)), to_full(q), q.amax(-1)
+
+
+def _unchanged(x: Tensor) -> Tensor:
+    return x
 
 
 def accept(

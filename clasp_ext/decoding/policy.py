@@ -58,6 +58,17 @@ RELAX = 0.01
 # A draft must promise this much more than a plain step: rounds with a draft carry host-side work
 # the forward timings do not show (lookup, tensors, acceptance bookkeeping).
 MIN_GAIN = 1.02
+# At batch > 1 the margin is wider. bench_batch at B = 4 (bf16, AVX-512 EPYC, dev prompts of up
+# to 670 tokens) found drafted rounds at break-even by the estimates (2.0-2.5 tokens per row for
+# 1.9-2.2 plain steps) realise 0.87-0.95x of model.generate's decoding: a batch's rows finish
+# at different times and its acceptance, pooled over rows, is less certain than one sequence's.
+BATCH_MIN_GAIN = 1.10
+# Round times against the table (TimeScale): each observation's ratio is clipped to this range
+# (one stray pause must not write off a kind), the first ones weigh 1 / (n + TIME_PRIOR_WEIGHT),
+# later ones RATE, and a kind not observed in a round drifts back toward 1 by RELAX (so a kind
+# written off by its measured times is retried, as acceptance estimates are).
+TIME_RATIO_RANGE = (0.5, 2.0)
+TIME_PRIOR_WEIGHT = 4
 
 
 class Estimate:
@@ -81,6 +92,36 @@ class Estimate:
 
     def relax(self) -> None:
         self.p = [p + self.relax_rate * (q - p) for p, q in zip(self.p, self.prior, strict=True)]
+
+
+class TimeScale:
+    """Measured round time over the table's prediction, a running ratio per round kind (plain,
+    layer skip, lookup): the table is timed at one context length and without the loop's host
+    work, the rounds run at their own. Starts at 1 (the table as measured)."""
+
+    def __init__(self):
+        self.r = {PLAIN: 1.0, LAYER_SKIP: 1.0, LOOKUP: 1.0}
+        self.n = dict.fromkeys(self.r, 0)
+
+    @staticmethod
+    def group(kind: str) -> str:
+        return LOOKUP if kind in LOOKUPS else kind
+
+    def __call__(self, kind: str) -> float:
+        return self.r[self.group(kind)]
+
+    def observe(self, kind: str, predicted_s: float, actual_s: float) -> None:
+        """One round of ``kind``: the table said ``predicted_s``, it took ``actual_s``."""
+        g = self.group(kind)
+        for other in self.r:
+            if other != g:
+                self.r[other] += RELAX * (1.0 - self.r[other])
+        if predicted_s <= 0:
+            return
+        lo, hi = TIME_RATIO_RANGE
+        x = min(hi, max(lo, actual_s / predicted_s))
+        self.n[g] += 1
+        self.r[g] += max(RATE, 1.0 / (self.n[g] + TIME_PRIOR_WEIGHT)) * (x - self.r[g])
 
 
 class Source:
@@ -138,20 +179,47 @@ class CostPolicy:
     ``dp_s_per_round``: the skip-set DP's cost spread over the layer-skip rounds it serves
     (dp_s / update_interval), charged to each layer-skip option."""
 
-    def __init__(self, table, exit_threshold: bool = True, dp_s_per_round: float = 0.0):
+    def __init__(
+        self,
+        table,
+        exit_threshold: bool = True,
+        dp_s_per_round: float = 0.0,
+        online_costs: bool = True,
+    ):
         self.table = table
+        self.online_costs = online_costs
         self.dp_s_per_round = dp_s_per_round
         self.sources = {
             kind: Source(prior, stops=exit_threshold and kind == LAYER_SKIP)
             for kind, prior in PRIORS.items()
         }
+        self.time_scale = TimeScale()  # fed by loops that time their rounds (batch.py)
 
     def _cost(self, kind: str, drafted: float) -> float:
-        """Expected seconds of a round that drafts ``drafted`` tokens (an expectation)."""
+        """Expected seconds of a round that drafts ``drafted`` tokens (an expectation): the
+        table's, scaled by the rounds' measured times where ``scale_times`` is on."""
+        scale = self.time_scale(kind) if self.scale_times else 1.0
+        steps = self.dp_s_per_round if kind == LAYER_SKIP else 0.0
+        return self.table_s(kind, drafted, drafted) * scale + steps
+
+    def table_s(self, kind: str, k: float, steps: float) -> float:
+        """A round's seconds by the table: ``steps`` draft steps (layer skip) and a verify of
+        k + 1 tokens."""
         if kind == PLAIN:
             return self.table.verify(1)
-        steps = drafted * self.table.draft_step_s + self.dp_s_per_round if kind == LAYER_SKIP else 0
-        return steps + self.table.verify(drafted + 1)
+        draft = steps * self.table.draft_step_s if kind == LAYER_SKIP else 0.0
+        return draft + self.table.verify(k + 1)
+
+    @property
+    def scale_times(self) -> bool:
+        """Whether the loop's measured round times scale the table (a measured table only)."""
+        return self.online_costs and self.table.measured
+
+    def observe_time(self, kind: str, k: int, steps: int, seconds: float) -> None:
+        """A round's draft and verify time (not the DP's): ``k`` tokens verified after the first,
+        ``steps`` draft steps run."""
+        if self.scale_times:
+            self.time_scale.observe(kind, self.table_s(kind, k, steps), seconds)
 
     def _best(self, kind: str, k_max: int, ones: bool = False) -> Choice:
         e = self.sources[kind].expected(k_max, ones)
