@@ -29,6 +29,9 @@ for what in ${@:-qwen-bf16 gemma-fp32 gemma-bf16 qwen-bf16-lookup}; do
       clasp-fixed:draft_weights=original clasp-cost:draft_weights=original \
       clasp-fixed:draft_weights=int8 clasp-cost:draft_weights=int8 \
       clasp-cost:draft_weights=int8,lookup_ngram=0 ;;
+    # issue 9/10: the cost policy with and without its rounds' measured times (online_costs)
+    qwen-bf16-online) run qwen2.5-coder-1.5b bfloat16 bf16-online ar pld clasp \
+      clasp:online_costs=False ;;
     # fp32 is ~3x slower here: one prompt per group, 64 tokens (what bench/results reports)
     qwen-fp32-policy)
       step "end-to-end: qwen2.5-coder-1.5b float32 fp32-policy"
@@ -43,6 +46,6 @@ for what in ${@:-qwen-bf16 gemma-fp32 gemma-bf16 qwen-bf16-lookup}; do
         --batch-sizes 1 2 4 8 --max-new-tokens 64 --serving-requests 6 --serving-gap 3 \
         --skip-rules vote agreed \
         --out bench/results/batch-qwen2.5-coder-1.5b-bf16 ;;
-    *) echo "bench/e2e.sh: unknown run '$what' (qwen-bf16, gemma-fp32, gemma-bf16, qwen-bf16-lookup, qwen-bf16-policy, qwen-fp32-policy, qwen-bf16-batch)" >&2; exit 2 ;;
+    *) echo "bench/e2e.sh: unknown run '$what' (qwen-bf16, gemma-fp32, gemma-bf16, qwen-bf16-lookup, qwen-bf16-policy, qwen-bf16-online, qwen-fp32-policy, qwen-bf16-batch)" >&2; exit 2 ;;
   esac
 done
