@@ -23,8 +23,8 @@ transformers prepared onto a ``ClaspDecoder`` and returns what plain ``generate`
   ``TextStreamer``). On 4.56 ``streamer=`` works as well.
 - Batches: ``input_ids`` [B, T] with a left-padded ``attention_mask`` run through
   ``batch.generate_batch`` (each row its own sequence, pads after its EOS, as plain generate);
-  there the processors apply per row (to the row as plain generate shows it: its padding, prompt
-  and tokens); max-length/EOS stopping only and no streamer.
+  there the processors and stopping criteria apply per row (to the row as plain generate shows
+  it: its padding, prompt and tokens); no streamer, no scores.
   No beam search.
 """
 
@@ -187,7 +187,6 @@ def generate(
         unsupported = [
             name
             for name, used in (
-                ("stopping criteria other than max length and EOS", bool(other_criteria)),
                 ("output_scores / output_logits", output_scores or output_logits),
                 ("streamer / clasp_streamer", streamer is not None or clasp_streamer is not None),
             )
@@ -208,6 +207,7 @@ def generate(
             row_logits_processors=None
             if hook is None
             else [_row_processors(hook, b, input_ids.shape[0]) for b in range(input_ids.shape[0])],
+            stopping_criteria=other_criteria or None,
         )
         sequences = out.sequences.to(input_ids.device)
         if gc.return_dict_in_generate:

@@ -16,7 +16,7 @@ A round, for B live rows at their own lengths n_b:
 - verify: one [B, k + 1] forward of every layer, each row at its own positions, then
   ``clasp.verify_greedy`` / ``clasp.verify_sample`` on all rows (each row accepts its own number of
   tokens; one device->host read per round);
-- commit: each row's emitted tokens, its EOS and length limit, its callback.
+- commit: each row's emitted tokens, its EOS, length limit and stopping criteria, its callback.
 
 With policy="cost" the round's kind and k maximise the expected tokens per second summed over
 the rows, from the cost model at the live batch size (``cost_model`` measured with B rows: at
@@ -118,10 +118,21 @@ class _Sequence:
     """One request's state on the host; its K/V lives in one row of the shared cache."""
 
     def __init__(
-        self, rid, prompt, max_new, callback, generator, lookup_ngram, pads=(), processor=None
+        self,
+        rid,
+        prompt,
+        max_new,
+        callback,
+        generator,
+        lookup_ngram,
+        pads=(),
+        processor=None,
+        stopping_criteria=None,
     ):
         self.id = rid
         self.processor = processor  # its logits processor (None: the decoder's, if any)
+        # (input_ids [1, n], scores) -> bool [1] after each new token (transformers' protocol)
+        self.stopping_criteria = stopping_criteria
         self.tokens = list(prompt)  # prompt + emitted; all but the last are in the cache
         self.pads = list(pads)  # a padded batch row's pads before its prompt (processors see them)
         self.prompt_len = len(prompt)
@@ -227,20 +238,25 @@ class BatchDecoder:
         seed: int | None = None,
         callback=None,
         logits_processor=None,
+        stopping_criteria=None,
     ) -> int:
         """Queues one prompt ([T] or [1, T] ids); returns its request id. ``callback(tokens)``
         (or the decoder's ``callback(id, tokens)``) gets its new tokens as they come;
         ``logits_processor`` (or the decoder's) scores this request's positions (ClaspDecoder's
-        protocol: a pure function of (input_ids [1, n], scores [1, V]))."""
+        protocol: a pure function of (input_ids [1, n], scores [1, V])); ``stopping_criteria``
+        (transformers' protocol, ``(input_ids [1, n], scores) -> bool [1]``, called with scores
+        None) ends it after the first token for which it says stop."""
         ids = check_token_ids(input_ids, self.device, self.adapter.vocab_size)
         if ids.shape[0] != 1:
             raise ValueError(
                 f"clasp_ext: add() takes one prompt, got batch size {ids.shape[0]}; add each row"
             )
-        return self._add(ids[0].tolist(), max_new_tokens, seed, callback, (), logits_processor)
+        return self._add(
+            ids[0].tolist(), max_new_tokens, seed, callback, (), logits_processor, stopping_criteria
+        )
 
     def _add(
-        self, prompt: list[int], max_new_tokens, seed, callback, pads=(), processor=None
+        self, prompt: list[int], max_new_tokens, seed, callback, pads=(), processor=None, stop=None
     ) -> int:
         c = self.config
         max_new = c.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -270,7 +286,7 @@ class BatchDecoder:
                 f"a LogitsProcessorList, got {type(processor).__name__}"
             )
         self.queue.append(
-            _Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram, pads, processor)
+            _Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram, pads, processor, stop)
         )
         return rid
 
@@ -634,13 +650,21 @@ class BatchDecoder:
         return out
 
     def _commit(self, seq: _Sequence, toks: list[int]) -> list[int]:
-        """Appends a row's tokens, cut at its EOS and its length limit."""
+        """Appends a row's tokens, cut at its EOS, its length limit and its stopping criteria."""
         toks = cut_at_stop(toks, self._eos, seq.remaining)
+        stopped = False
+        if seq.stopping_criteria is not None:  # checked after every token, as plain generate does
+            ids = torch.tensor([seq.pads + seq.tokens + toks])
+            for i in range(len(toks)):
+                n = ids.shape[1] - len(toks) + i + 1
+                if bool(seq.stopping_criteria(ids[:, :n], None).any()):
+                    toks, stopped = toks[: i + 1], True
+                    break
         seq.tokens.extend(toks)
         seq.stats.new_tokens += len(toks)
         self.stats.new_tokens += len(toks)
         self.draft_head.add(toks)
-        if (toks and toks[-1] in self._eos) or seq.remaining <= 0:
+        if stopped or (toks and toks[-1] in self._eos) or seq.remaining <= 0:
             seq.finished = True
         return toks
 
@@ -703,6 +727,7 @@ def generate_batch(
     callback=None,
     logits_processor=None,
     row_logits_processors: list | None = None,
+    stopping_criteria=None,
     **overrides,
 ) -> BatchOutput:
     """CLaSp on a batch: ``input_ids`` [B, T], padded (left, as for ``model.generate``) where
@@ -711,7 +736,9 @@ def generate_batch(
     config's pad token, else its first EOS, else 0). ``callback(row, tokens)`` streams.
     ``logits_processor(input_ids [1, n], scores [1, V]) -> scores`` is applied per row, as in
     ClaspDecoder, to the row as plain generate shows it: its left padding, prompt and tokens;
-    ``row_logits_processors`` (one per row, or None) gives each row its own instead."""
+    ``row_logits_processors`` (one per row, or None) gives each row its own instead.
+    ``stopping_criteria`` (transformers' protocol) is checked per row after each of its tokens on
+    the row as plain generate shows it (scores None); a row it stops is padded after."""
     config = ClaspConfig.of(config, **overrides)
     dec = BatchDecoder(model, config, callback=callback, max_batch=1)
     ids = check_token_ids(input_ids, dec.device, dec.adapter.vocab_size)
@@ -728,7 +755,8 @@ def generate_batch(
     for b, prompt in enumerate(prompts):
         start = 0 if attention_mask is None else attention_mask[b].tolist().index(1)
         proc = logits_processor if row_logits_processors is None else row_logits_processors[b]
-        dec._add(prompt, None, None, None, pads=ids[b, :start].tolist(), processor=proc)
+        pads = ids[b, :start].tolist()
+        dec._add(prompt, None, None, None, pads, proc, stopping_criteria)
     finished = dec.run()
     gc = getattr(model, "generation_config", None)
     if pad_token_id is None:
