@@ -285,6 +285,11 @@ class BatchDecoder:
                 "clasp_ext: logits_processor must be callable (input_ids, scores) -> scores, e.g. "
                 f"a LogitsProcessorList, got {type(processor).__name__}"
             )
+        if stop is not None and not callable(stop):
+            raise TypeError(
+                "clasp_ext: stopping_criteria must be callable (input_ids, scores) -> bool, e.g. "
+                f"a StoppingCriteriaList, got {type(stop).__name__}"
+            )
         self.queue.append(
             _Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram, pads, processor, stop)
         )
@@ -654,10 +659,10 @@ class BatchDecoder:
         toks = cut_at_stop(toks, self._eos, seq.remaining)
         stopped = False
         if seq.stopping_criteria is not None:  # checked after every token, as plain generate does
-            ids = torch.tensor([seq.pads + seq.tokens + toks])
+            ids = torch.tensor([seq.pads + seq.tokens + toks], device=self.device)
             for i in range(len(toks)):
                 n = ids.shape[1] - len(toks) + i + 1
-                if bool(seq.stopping_criteria(ids[:, :n], None).any()):
+                if bool(torch.as_tensor(seq.stopping_criteria(ids[:, :n], None)).any()):
                     toks, stopped = toks[: i + 1], True
                     break
         seq.tokens.extend(toks)
@@ -738,7 +743,9 @@ def generate_batch(
     ClaspDecoder, to the row as plain generate shows it: its left padding, prompt and tokens;
     ``row_logits_processors`` (one per row, or None) gives each row its own instead.
     ``stopping_criteria`` (transformers' protocol) is checked per row after each of its tokens on
-    the row as plain generate shows it (scores None); a row it stops is padded after."""
+    the row as plain generate shows it ([1, n] ids, scores None; a criterion that needs the batch
+    or a row index does not fit); a row it stops is padded after (plain generate pads it only
+    where an EOS is set, and otherwise goes on writing tokens into it until every row stops)."""
     config = ClaspConfig.of(config, **overrides)
     dec = BatchDecoder(model, config, callback=callback, max_batch=1)
     ids = check_token_ids(input_ids, dec.device, dec.adapter.vocab_size)

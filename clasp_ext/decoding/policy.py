@@ -61,7 +61,8 @@ MIN_GAIN = 1.02
 # At batch > 1 the margin is wider. bench_batch at B = 4 (bf16, AVX-512 EPYC, dev prompts of up
 # to 670 tokens) found drafted rounds at break-even by the estimates (2.0-2.5 tokens per row for
 # 1.9-2.2 plain steps) realise 0.87-0.95x of model.generate's decoding: a batch's rows finish
-# at different times and its acceptance, pooled over rows, is less certain than one sequence's.
+# at different times and its acceptance, pooled over rows, is less certain than one sequence's
+# (bench/results/batch-qwen2.5-coder-1.5b-bf16/before-time-scale).
 BATCH_MIN_GAIN = 1.10
 # Round times against the table (TimeScale): each observation's ratio is clipped to this range
 # (one stray pause must not write off a kind), the first ones weigh 1 / (n + TIME_PRIOR_WEIGHT),
@@ -193,14 +194,16 @@ class CostPolicy:
             kind: Source(prior, stops=exit_threshold and kind == LAYER_SKIP)
             for kind, prior in PRIORS.items()
         }
-        self.time_scale = TimeScale()  # fed by loops that time their rounds (batch.py)
+        # fed by the loops' observe_time; one ratio per round kind, whatever the batch size and
+        # draft length (host work that grows with them is averaged in)
+        self.time_scale = TimeScale()
 
     def _cost(self, kind: str, drafted: float) -> float:
         """Expected seconds of a round that drafts ``drafted`` tokens (an expectation): the
         table's, scaled by the rounds' measured times where ``scale_times`` is on."""
         scale = self.time_scale(kind) if self.scale_times else 1.0
-        steps = self.dp_s_per_round if kind == LAYER_SKIP else 0.0
-        return self.table_s(kind, drafted, drafted) * scale + steps
+        dp = self.dp_s_per_round if kind == LAYER_SKIP else 0.0
+        return self.table_s(kind, drafted, drafted) * scale + dp
 
     def table_s(self, kind: str, k: float, steps: float) -> float:
         """A round's seconds by the table: ``steps`` draft steps (layer skip) and a verify of
