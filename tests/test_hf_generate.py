@@ -235,7 +235,9 @@ def test_refusals():
             model.generate(inputs, max_new_tokens=4, custom_generate=custom_generate, **kw)
 
     refused("repeat the prompt in the batch", do_sample=True, num_return_sequences=2)
-    refused("with a batch .* streamer", inputs=ids.repeat(2, 1), clasp_streamer=object())
+    # (bound with the callable: transformers 4.56 passes generate's extra kwargs to the model)
+    streaming = clasp(clasp_streamer=object())
+    refused("with a batch .* streamer", inputs=ids.repeat(2, 1), custom_generate=streaming)
     refused(
         "with a batch .* output_scores",
         inputs=ids.repeat(2, 1),
