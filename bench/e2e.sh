@@ -39,7 +39,8 @@ for what in ${@:-qwen-bf16 gemma-fp32 gemma-bf16 qwen-bf16-lookup}; do
         --seed 0 --max-new-tokens 64 --methods ar pld clasp clasp-fixed:draft_weights=original \
         --out bench/results/e2e-qwen2.5-coder-1.5b-fp32-policy ;;
     # issue 10: throughput at batch 1, 2, 4, 8 against model.generate on the same padded batch,
-    # and requests arriving while others decode (bench_batch.py; about 15 minutes here)
+    # requests arriving while others decode, and the batch skip-set rules (bench_batch.py; about
+    # 20 minutes here)
     qwen-bf16-batch)
       step "batched: qwen2.5-coder-1.5b bfloat16"
       "$py" bench/bench_batch.py --model qwen2.5-coder-1.5b --dtype bfloat16 --prompts 8 \
