@@ -239,12 +239,12 @@ def test_round_times_scale_a_measured_table_only():
         (measured, True, True),
     ):
         pol = CostPolicy(table, exit_threshold=False, online_costs=online)
-        before = pol._cost(LAYER_SKIP, 4)
+        before = pol.cost(LAYER_SKIP, 4)
         assert pol.choose(MAX_DRAFT).kind == LAYER_SKIP
         for _ in range(60):
             pol.observe_time(LAYER_SKIP, 4, 4, 2.0 * pol.table_s(LAYER_SKIP, 4, 4))
-        assert pol._cost(LAYER_SKIP, 4) == pytest.approx(2 * before if scaled else before, rel=0.02)
-        assert pol._cost(PLAIN, 0) == pytest.approx(table.verify(1))
+        assert pol.cost(LAYER_SKIP, 4) == pytest.approx(2 * before if scaled else before, rel=0.02)
+        assert pol.cost(PLAIN, 0) == pytest.approx(table.verify(1))
         assert (pol.choose(MAX_DRAFT).kind == PLAIN) == scaled
 
 

@@ -94,6 +94,17 @@ def test_processors_greedy(family):
         assert_lossless(model, got[0].tolist(), want[0].tolist(), 10)
 
 
+def left_padded(lens: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch of prompts of these lengths (row b: ``prompt(n, seed + b)``) and its
+    attention mask."""
+    T = max(lens)
+    ids = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, T - n :], mask[b, T - n :] = prompt(n, seed + b)[0], 1
+    return ids, mask
+
+
 def _first_new_tokens(model, ids, n):
     out = model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
     return out[0, ids.shape[1] :].tolist()
@@ -330,12 +341,8 @@ def test_left_padded_batch(family):
     model = tiny_model(family, layers=6, seed=8)
     lens = (4, 11, 7)
     T = max(lens)
-    ids = torch.zeros(3, T, dtype=torch.long)
-    mask = torch.zeros(3, T, dtype=torch.long)
-    rows = []
-    for b, n in enumerate(lens):
-        rows.append(prompt(n, 20 + b))
-        ids[b, T - n :], mask[b, T - n :] = rows[-1][0], 1
+    ids, mask = left_padded(lens, 20)
+    rows = [prompt(n, 20 + b) for b, n in enumerate(lens)]
     kw = dict(do_sample=False, max_new_tokens=16, pad_token_id=0)
     got = model.generate(ids, attention_mask=mask, custom_generate=clasp(), **kw)
     want = model.generate(ids, attention_mask=mask, **kw)
@@ -371,10 +378,7 @@ def test_left_padded_batch_with_processors(family):
     model = tiny_model(family, layers=6, seed=9)
     lens = (5, 12, 8)
     T = max(lens)
-    ids = torch.zeros(3, T, dtype=torch.long)
-    mask = torch.zeros(3, T, dtype=torch.long)
-    for b, n in enumerate(lens):
-        ids[b, T - n :], mask[b, T - n :] = prompt(n, 40 + b)[0], 1
+    ids, mask = left_padded(lens, 40)
     for kw in (
         dict(repetition_penalty=1.5),
         dict(no_repeat_ngram_size=2, min_new_tokens=10),
@@ -404,10 +408,7 @@ def test_left_padded_batch_with_stopping_criteria():
     model = tiny_model("qwen2", layers=6, seed=2)
     lens = (6, 10, 8)
     T = max(lens)
-    ids = torch.zeros(3, T, dtype=torch.long)
-    mask = torch.zeros(3, T, dtype=torch.long)
-    for b, n in enumerate(lens):
-        ids[b, T - n :], mask[b, T - n :] = prompt(n, 60 + b)[0], 1
+    ids, mask = left_padded(lens, 60)
     kw = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20, pad_token_id=0)
     free = model.generate(ids, attention_mask=mask, **kw)[:, T:].tolist()
     stop = next(t for t in free[1][3:] if t not in free[1][:3] and t != 0)

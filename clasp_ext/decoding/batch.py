@@ -376,9 +376,8 @@ class BatchDecoder:
         M, strategy = c.num_skip_layers, c.skip_strategy
         if M > 0 and isinstance(strategy, str):
             if strategy == "random":
-                g = torch.Generator()
-                g.manual_seed(c.seed + seq.id) if c.seed is not None else g.seed()
-                seq.skip = random_skip_mask(a.num_layers, M, g)
+                seed = None if c.seed is None else c.seed + seq.id
+                seq.skip = random_skip_mask(a.num_layers, M, seed)
             else:
                 target = torch.stack([x[:, -1] for x in hs], 1)
                 mask, _ = searched_skip_mask(strategy, a, row, target, T - 1, T, M)
@@ -393,11 +392,10 @@ class BatchDecoder:
         self.stats.prefills += 1
         self._stream([(seq, self._commit(seq, [tok]))])
 
-    def _context(self, seq: _Sequence, drafts: Tensor | None = None) -> Tensor:
-        """What ``logits_processor`` sees of a row: [1, n] ids (its pads, prompt, emitted tokens,
-        then ``drafts`` [1, j] when given)."""
-        ids = torch.tensor([seq.pads + seq.tokens], device=self.device)
-        return ids if drafts is None else torch.cat([ids, drafts], 1)
+    def _context(self, seq: _Sequence) -> Tensor:
+        """What ``logits_processor`` sees of a row: [1, n] ids (its pads, prompt and emitted
+        tokens)."""
+        return torch.tensor([seq.pads + seq.tokens], device=self.device)
 
     def _processed_rows(self, contexts: list[Tensor], logits: Tensor, num: list[int]) -> Tensor:
         """Each row's logits processor on its positions: row b of ``logits`` [B, R, V] scores
@@ -468,10 +466,7 @@ class BatchDecoder:
             return (LOOKUP, max(lens)) if any(lens) else (PLAIN, 0)
         pol = self.policy
         pol.table = self._table(B)
-
-        def seconds(kind, k):  # the table's time, scaled as this decoder's rounds measured
-            return pol._cost(kind, k)
-
+        seconds = pol.cost  # the table's time, scaled as this decoder's rounds measured
         gain = MIN_GAIN if B == 1 else BATCH_MIN_GAIN
         best, choice = B / seconds(PLAIN, 0) * gain, (PLAIN, 0)
         if k_ls > 0:
@@ -491,10 +486,18 @@ class BatchDecoder:
         return choice
 
     def _draft(
-        self, t0: Tensor, starts: Tensor, kv0: int, k: int, looked: list[list[int]], forward=True
+        self,
+        t0: Tensor,
+        starts: Tensor,
+        kv0: int,
+        k: int,
+        looked: list[list[int]],
+        contexts: list[Tensor] | None,
+        forward=True,
     ):
         """k draft tokens per row [B, k] (and their proposals q [B, k, V] when sampling): a row's
-        ``looked`` tokens first, then (``forward``) layer-skip draft tokens."""
+        ``looked`` tokens first, then (``forward``) layer-skip draft tokens, scored by the rows'
+        logits processors after their ``contexts`` (None: no row has one)."""
         c, a, dh = self.config, self.adapter, self.draft_head
         B = t0.shape[0]
         lk = torch.zeros(B, k, dtype=torch.long)
@@ -510,8 +513,7 @@ class BatchDecoder:
         drafts, qs, tok = [], [], t0
         gens = [s.generator for s in self.rows]
         proc = None
-        if self._processing:
-            contexts = [self._context(s) for s in self.rows]
+        if contexts is not None:
 
             def proc(full: Tensor) -> Tensor:  # each row's next position after its drafts
                 ctx = [
@@ -576,18 +578,21 @@ class BatchDecoder:
             for s, cap in zip(rows, caps, strict=True)
         ]
         kind, k = self._choose(B, caps, looked)
+        contexts = [self._context(s) for s in rows] if self._processing else None
         steps0 = self.stats.draft_steps
         q = None
         if kind == LOOKUP:  # the rows' own matches only
             looked = [(t[:k], n) for t, n in looked]
             num = [len(t) for t, _ in looked]
-            drafts, q = self._draft(t0, starts, kv0, k, [t for t, _ in looked], forward=False)
+            drafts, q = self._draft(
+                t0, starts, kv0, k, [t for t, _ in looked], contexts, forward=False
+            )
         elif kind == LAYER_SKIP:
             num = [min(k, cap) for cap in caps]
             # the cascade: a row's 2- and 3-gram matches go first (a 1-gram match is mostly
             # wrong where text does not copy its context, and would displace the draft)
             prefix = [t[:m] if ng >= 2 else [] for (t, ng), m in zip(looked, num, strict=True)]
-            drafts, q = self._draft(t0, starts, kv0, k, prefix)
+            drafts, q = self._draft(t0, starts, kv0, k, prefix, contexts)
             k = drafts.shape[1]  # the exit threshold ("fixed") may have stopped it early
             num = [min(x, k) for x in num]
         else:
@@ -597,8 +602,8 @@ class BatchDecoder:
         self.stats.time_draft += t2 - t
         h, _ = a.forward(torch.cat([t0, drafts], 1), starts, self.cache, kv_len=kv0 + k)
         logits = a.head(h)
-        if self._processing:
-            ctx = [self._context(s, drafts[b : b + 1, : num[b]]) for b, s in enumerate(rows)]
+        if contexts is not None:
+            ctx = [torch.cat([x, drafts[b : b + 1, : num[b]]], 1) for b, x in enumerate(contexts)]
             logits = self._processed_rows(ctx, logits, num)
         num_draft = torch.tensor(num, dtype=torch.int32, device=self.device)
         gens = [s.generator for s in rows]

@@ -111,8 +111,11 @@ def searched_skip_mask(
     return mask, ops.layer_importance(target_hidden)
 
 
-def random_skip_mask(num_layers: int, num_skip: int, generator: torch.Generator | None) -> list:
-    perm = torch.randperm(num_layers, generator=generator).tolist()
+def random_skip_mask(num_layers: int, num_skip: int, seed: int | None) -> list:
+    """``num_skip`` layers drawn at random: from ``seed``, or fresh entropy when None."""
+    g = torch.Generator()
+    g.manual_seed(seed) if seed is not None else g.seed()
+    perm = torch.randperm(num_layers, generator=g).tolist()
     chosen = set(perm[:num_skip])
     return [i in chosen for i in range(num_layers)]
 

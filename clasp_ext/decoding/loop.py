@@ -284,7 +284,7 @@ class ClaspDecoder:
                 self.skip = explicit_skip_mask(L, strategy)
         elif strategy == "random":
             if initial:
-                self.skip = random_skip_mask(L, M, self._cpu_generator())
+                self.skip = random_skip_mask(L, M, self.config.seed)
         elif strategy in SEARCHED:
             if not initial and strategy == "static":
                 return
@@ -300,14 +300,6 @@ class ClaspDecoder:
         self._rounds_since_dp = 0
         if self.int8_draft is not None and any(self.skip):  # not inside a (timed) draft round
             self.int8_draft.prepare(self.skip)
-
-    def _cpu_generator(self) -> torch.Generator:
-        g = torch.Generator()
-        if self.config.seed is not None:
-            g.manual_seed(self.config.seed)
-        else:
-            g.seed()
-        return g
 
     # ------------------------------------------------------------------ input checks
     def _check_ids(self, input_ids) -> Tensor:

@@ -198,7 +198,7 @@ class CostPolicy:
         # draft length (host work that grows with them is averaged in)
         self.time_scale = TimeScale()
 
-    def _cost(self, kind: str, drafted: float) -> float:
+    def cost(self, kind: str, drafted: float) -> float:
         """Expected seconds of a round that drafts ``drafted`` tokens (an expectation): the
         table's, scaled by the rounds' measured times where ``scale_times`` is on."""
         scale = self.time_scale(kind) if self.scale_times else 1.0
@@ -226,7 +226,7 @@ class CostPolicy:
 
     def _best(self, kind: str, k_max: int, ones: bool = False) -> Choice:
         e = self.sources[kind].expected(k_max, ones)
-        rates = [(e[k][0] / self._cost(kind, e[k][1]), k) for k in range(1, len(e))]
+        rates = [(e[k][0] / self.cost(kind, e[k][1]), k) for k in range(1, len(e))]
         rate, k = max(rates, default=(0.0, 0))
         return Choice(kind, k, rate)
 
@@ -236,7 +236,7 @@ class CostPolicy:
         """The best of: a plain step; the first 1..``lookup_len`` looked-up tokens (a draft of
         source ``lookup_kind``); a layer-skip draft of at most 1..``k_max`` tokens (when
         ``layer_skip``)."""
-        best = Choice(PLAIN, 0, 1.0 / self._cost(PLAIN, 0))
+        best = Choice(PLAIN, 0, 1.0 / self.cost(PLAIN, 0))
         floor = best.rate * MIN_GAIN
         options = []
         if lookup_len > 0:
