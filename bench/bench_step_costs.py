@@ -34,7 +34,7 @@ from clasp_ext.decoding.layer_search import dp_skip_search  # noqa: E402
 from clasp_ext.decoding.phases import draft_step  # noqa: E402
 from clasp_ext.timing import median_time  # noqa: E402
 
-# LLaMA-3-8B's shape (random weights: costs only depend on the shape)
+# Random weights of these shapes (costs only depend on the shape)
 SHAPES = {
     "llama3-8b": dict(
         hidden_size=4096,
@@ -45,6 +45,18 @@ SHAPES = {
         vocab_size=128256,
         max_position_embeddings=8192,
         rope_theta=500000.0,
+    ),
+    # LLaMA-3.2-1B's shape (bench_cuda_graphs.py: launch overhead matters most at this size)
+    "llama3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
     ),
     # for the script's own test
     "tiny-llama": dict(
@@ -105,7 +117,9 @@ def measure(model, args) -> dict:
     res["ar"]["hf_step_s"] = timer(dev, ar_step, args.repeats)
 
     def draft():  # the loop's draft step (phases.draft_step) with dec.skip
-        return draft_step(dec.config, a, dec.draft_head, tok, n, cache, dec.skip, [dec.generator])
+        return draft_step(
+            dec.config, a.forward, dec.draft_head, tok, n, cache, dec.skip, [dec.generator]
+        )
 
     # this library's full forward of one token (the draft with nothing skipped)
     dec.skip = [False] * L

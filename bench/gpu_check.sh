@@ -11,7 +11,8 @@
 #
 # Steps: build the extension with the CUDA kernels against the machine's torch; the CUDA op tests
 # (every test taking `device`, CUDA parameter); the decoder on CUDA (tests/test_decoding_cuda.py:
-# greedy equals model.generate, sampling, DP on CUDA = DP on CPU); per-step costs of a
+# greedy equals model.generate, sampling, DP on CUDA = DP on CPU, batches, CUDA-graph rounds equal
+# eager ones); CUDA graphs against eager rounds (bench/bench_cuda_graphs.py); per-step costs of a
 # LLaMA-3-8B-shaped model; the kernel microbenchmark. The whole script stays within TOTAL_S
 # (470 s: under 8 minutes even if the last step needs its 10 s kill grace): every step runs under
 # `timeout` with at most what is left of the budget, a failed step does not stop the later ones,
@@ -31,8 +32,9 @@
 # 34 s alone (1.5 GB); with 16 compiles at once that source is the critical path: ~45 s with
 # setup and link, cap 240 (one at a time, as torch does without ninja, it would be ~7 minutes).
 # Probes, versions, deps and info ~15; CUDA op tests ~60 (their CPU twins take 30 s there);
-# decoder tests ~30 (19 s on that CPU); step costs ~45 (random 8B init on the GPU, then timings):
-# ~200 s, which leaves the microbenchmark ~265 s (it stops starting torch.compile runs 100 s
+# decoder tests ~30 (19 s on that CPU); CUDA graphs ~40 (random 1B init, 3 batch sizes x 4 runs
+# x 2 modes of 64 tokens per row); step costs ~45 (random 8B init on the GPU, then timings):
+# ~240 s, which leaves the microbenchmark ~225 s (it stops starting torch.compile runs 100 s
 # before its limit, so the remaining cases still get their clasp and eager timings).
 set -euo pipefail
 
@@ -331,6 +333,20 @@ step_costs() {
   fi
 }
 
+# The batched loop replayed from CUDA graphs against the same loop eager (cuda_graphs.py):
+# random LLaMA-3.2-1B-shaped bf16 weights (where launch overhead weighs most), B = 1, 4, 8.
+cuda_graphs() {
+  if ((HAS_GPU)); then
+    "$PYTHON" bench/bench_cuda_graphs.py --random-shape llama3.2-1b --device cuda \
+      --out "$OUT/cuda_graphs"
+  else
+    note "no CUDA device: tiny-llama on the CPU, static buffers without capture"
+    "$PYTHON" bench/bench_cuda_graphs.py --random-shape tiny-llama --dtype float32 --device cpu \
+      --batch-sizes 1 3 --new-tokens 16 --repeats 2 --threads "$MAX_JOBS" \
+      --out "$OUT/cuda_graphs-cpu-tiny"
+  fi
+}
+
 # torch.compile of the references is the slow part: stop starting compiles 100 s before the
 # step's limit so the remaining cases still get their clasp and eager timings.
 bench() {
@@ -357,8 +373,8 @@ print(re.sub(r"[^a-z0-9]+", "_", env["device_name"].lower()).strip("_"))' "$OUT/
   cat "$OUT/ops_cuda.md"
 }
 
-export -f versions deps build_inplace build run_pytest tests_cuda_ops decoding_cuda step_costs \
-  bench copy_results note
+export -f versions deps build_inplace build run_pytest tests_cuda_ops decoding_cuda cuda_graphs \
+  step_costs bench copy_results note
 export PYTHON OUT MAX_JOBS HAS_GPU CUDA_HOME CLASP_BUILD_CUDA TORCH_CUDA_ARCH_LIST TORCH_IS_CUDA \
   CUDA_MARK
 
@@ -368,7 +384,8 @@ step deps             20 390 deps
 step build           240 220 build
 step info             30 200 "$PYTHON" -m clasp_ext.info
 step tests_cuda_ops  150 150 tests_cuda_ops
-step decoding_cuda   120 100 decoding_cuda
+step decoding_cuda   150 160 decoding_cuda
+step cuda_graphs      90 100 cuda_graphs
 step step_costs      120  60 step_costs
 step bench           600   5 bench
 if ((HAS_GPU)); then

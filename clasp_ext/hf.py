@@ -183,7 +183,7 @@ def generate(
     output_scores = bool(gc.return_dict_in_generate and gc.output_scores)
     output_logits = bool(gc.return_dict_in_generate and getattr(gc, "output_logits", False))
     padded = mask is not None and not bool((mask == 1).all())
-    if input_ids.shape[0] > 1 or padded:
+    if input_ids.shape[0] > 1 or padded or config.cuda_graphs:  # the batched loop
         unsupported = [
             name
             for name, used in (
@@ -194,9 +194,9 @@ def generate(
         ]
         if unsupported:
             raise ValueError(
-                f"clasp_ext.hf.generate: with a batch (batch size {input_ids.shape[0]}) or "
-                f"padding, {', '.join(unsupported)} are not supported yet; call generate once "
-                "per prompt for them"
+                f"clasp_ext.hf.generate: with a batch (batch size {input_ids.shape[0]}), "
+                f"padding or cuda_graphs, {', '.join(unsupported)} are not supported yet; call "
+                "generate once per prompt, without cuda_graphs, for them"
             )
         out = generate_batch(
             model,

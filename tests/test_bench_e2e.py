@@ -124,3 +124,22 @@ def test_step_costs_script_runs_and_projects(tmp_path):
     want = 3.0 * costs["ar"]["hf_step_s"] / (2.5 * k_draft + verify + 0.25 * costs["dp"]["2"])
     assert p["projected_speedup"] == pytest.approx(want)
     assert "Projected speedup" in (out / "step_costs.md").read_text()
+
+
+def test_cuda_graphs_script_runs(tmp_path):
+    """bench_cuda_graphs.py (gpu_check's CUDA-graph step) on the CPU: both modes decode, the
+    static-buffer rows equal the eager ones, and the table is written."""
+    import bench_cuda_graphs
+
+    out = tmp_path / "graphs"
+    argv = ["--random-shape", "tiny-llama", "--dtype", "float32", "--device", "cpu"]
+    argv += ["--batch-sizes", "1", "2", "--new-tokens", "8", "--repeats", "1", "--threads", "1"]
+    bench_cuda_graphs.main(argv + ["--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["batch"] for r in data["results"]] == [1, 2]
+    for r in data["results"]:
+        assert r["rows_identical"] == r["batch"]
+        assert r["graph_replays"] > 0 and r["graphs_captured"] == 0  # no capture on the CPU
+        assert r["eager"]["tokens_per_s"] > 0 and r["graphs"]["tokens_per_s"] > 0
+    assert data["environment"]["capture"] is False
+    assert "| 2 |" in out.with_suffix(".md").read_text()

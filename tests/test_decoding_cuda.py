@@ -197,3 +197,53 @@ def test_batched_rows_equal_generate(family, dtype):
         )[0].tolist()
         m = min(len(want), len(f.tokens))
         assert_lossless(model, f.tokens[:m], want[:m], ids.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_cuda_graph_rows_equal_eager(family, dtype):
+    """cuda_graphs=True (cuda_graphs.py): 5 requests through 3 rows, so graphs are captured at
+    three batch sizes and replayed; every row equals the eager rounds' (and model.generate's, up
+    to a near-tie). On the CPU (CLASP_CUDA_TESTS_ON_CPU=1) the same rounds run on the static
+    buffers without capture."""
+    from clasp_ext.decoding import BatchDecoder
+    from clasp_ext.decoding.cuda_graphs import GraphedSteps
+
+    model = tiny_model(family, layers=6, window=8, seed=3, dtype=dtype).to(DEVICE)
+    gen = torch.Generator().manual_seed(19)
+    prompts = [prompt(gen, repeat=i % 2 == 0) for i in range(5)]
+    n_new = 32
+    runs = []
+    for graphs in (False, True):
+        kw = dict(max_batch=3, max_new_tokens=n_new, max_cache_len=96, policy="fixed")
+        dec = BatchDecoder(model, cuda_graphs=graphs and not ON_CPU, **kw)
+        if graphs and ON_CPU:
+            tokens = dec.config.max_round_draft + 1
+            dec.graphs = GraphedSteps(dec.adapter, dec.cache, 3, tokens, capture=False)
+        for ids in prompts:
+            dec.add(ids[0])
+        runs.append(dec.run())
+        assert dec.stats.draft_steps > 0
+    if not ON_CPU:
+        assert dec.stats.graphs_captured >= 3 and dec.graphs.replays > dec.stats.graphs_captured
+    for eager, graphed, ids in zip(*runs, prompts, strict=True):
+        assert_lossless(model, graphed.tokens, eager.tokens, ids.shape[1])
+        want = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new
+        )[0].tolist()
+        m = min(len(want), len(graphed.tokens))
+        assert_lossless(model, graphed.tokens[:m], want[:m], ids.shape[1])
+
+
+@torch.no_grad()
+def test_cuda_graphs_through_generate():
+    """clasp_ext.generate(..., cuda_graphs=True) at batch 1 runs the batched loop on graphs and
+    equals model.generate (fp32)."""
+    if ON_CPU:
+        pytest.skip("cuda_graphs=True needs a CUDA device")
+    model = tiny_model("qwen2", layers=6, window=8, seed=3).to(DEVICE)
+    ids = prompt(torch.Generator().manual_seed(23), repeat=True)
+    out = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graphs=True)
+    assert out.stats.graphs_captured > 0
+    assert_lossless(model, out.sequences[0].tolist(), hf_greedy(model, ids, 24), ids.shape[1])

@@ -409,28 +409,37 @@ class ModelAdapter:
         ``kv_len`` > every row's last position: row b's queries sit at ``start[b] ..`` and see its
         own slots up to themselves (``row_masks``). Those masks are arbitrary 4-D masks, so a
         flash-attention model runs this call through sdpa (``masked_attention``)."""
-        T = ids.shape[1]
-        steps = torch.arange(T, device=ids.device)  # a kernel, not a host copy
-        h = self.embed(ids)
-        if isinstance(start, Tensor):
-            pos_ids = start[:, None].long() + steps
-            masks = self.row_masks(pos_ids, kv_len)
-            attention = self.masked_attention()
-        else:
-            pos_ids = (start + steps)[None]
-            masks = self.causal_masks(pos_ids[0], start + T)
-            attention = contextlib.nullcontext()
-        pe = self.position_embeddings(h, pos_ids)
+        h, pos_ids, pe, masks = self.forward_inputs(ids, start, kv_len)
         cache.set_write(start, kv_len)
         keep = (lambda x: x) if keep_hidden == "all" else (lambda x: x[:, -1:])
         hs = [keep(h)] if keep_hidden else []
-        with attention:
+        with self.layer_attention(start):
             for i in range(self.num_layers):
                 if skip is None or not skip[i]:
                     h = self.run_layer(i, h, pos_ids, pe, masks, cache)
                 if keep_hidden:
                     hs.append(keep(h))
         return h, hs
+
+    def forward_inputs(self, ids: Tensor, start: int | Tensor, kv_len: int | None = None):
+        """What every layer of ``forward`` reads besides the cache: (h_0 [B, T, d], position ids
+        [B, T], rotary embeddings per layer type, masks per window). cuda_graphs.py captures this
+        and each layer separately, so a draft replays any skip set layer by layer."""
+        T = ids.shape[1]
+        steps = torch.arange(T, device=ids.device)  # a kernel, not a host copy
+        h = self.embed(ids)
+        if isinstance(start, Tensor):
+            pos_ids = start[:, None].long() + steps
+            masks = self.row_masks(pos_ids, kv_len)
+        else:
+            pos_ids = (start + steps)[None]
+            masks = self.causal_masks(pos_ids[0], start + T)
+        return h, pos_ids, self.position_embeddings(h, pos_ids), masks
+
+    def layer_attention(self, start: int | Tensor):
+        """The attention context the layers of a forward at ``start`` run in: ragged batches'
+        per-row masks need ``masked_attention``."""
+        return self.masked_attention() if isinstance(start, Tensor) else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ masks
     def _to_attn_mask(self, allowed: Tensor, attn_implementation: str) -> Tensor:

@@ -50,6 +50,7 @@ from torch import Tensor
 from clasp_ext.decoding.adapter import ModelAdapter
 from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.cost_model import CostTable, get_cost_table
+from clasp_ext.decoding.cuda_graphs import GraphedSteps
 from clasp_ext.decoding.draft_head import DraftHead
 from clasp_ext.decoding.inputs import check_token_ids, unpadded_rows
 from clasp_ext.decoding.layer_search import random_skip_mask, searched_skip_mask
@@ -93,6 +94,7 @@ class BatchStats:
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_total: float = 0.0
+    graphs_captured: int = 0  # CUDA graphs captured so far (cuda_graphs=True)
 
     @property
     def mean_batch(self) -> float:
@@ -182,6 +184,11 @@ class BatchDecoder:
         a.check_ragged()
         self.config = c = config.resolved(a.num_layers, getattr(model, "generation_config", None))
         self.device = a.device
+        if c.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(
+                f"clasp_ext: cuda_graphs=True needs the model on a CUDA device (it is on "
+                f"{self.device}); CUDA graphs replay captured GPU kernels"
+            )
         self.max_batch = max_batch
         self.capacity = c.max_cache_len or DEFAULT_SERVING_CACHE_LEN
         self.headroom = c.cache_headroom
@@ -228,6 +235,17 @@ class BatchDecoder:
         per round: the per-row draft counts and looked-up tokens, decided on the host)."""
         self._lens = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
         self._last = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
+        # the rounds' forward on this cache: the adapter's, or (cuda_graphs) the same replayed
+        # from CUDA graphs over static buffers (tests put a capture=False one here on the CPU)
+        self.graphs = None
+        if self.config.cuda_graphs:
+            tokens = self.config.max_round_draft + 1
+            self.graphs = GraphedSteps(self.adapter, self.cache, self.max_batch, tokens, True)
+
+    def _forward(self, ids: Tensor, starts: Tensor, cache, skip=None, kv_len=None):
+        """A round's forward over the live rows (adapter.forward with per-row starts)."""
+        run = self.adapter.forward if self.graphs is None else self.graphs.forward
+        return run(ids, starts, cache, skip=skip, kv_len=kv_len)
 
     # ------------------------------------------------------------------ requests
     def add(
@@ -530,7 +548,7 @@ class BatchDecoder:
             for j in range(k):
                 nxt, q, top1 = draft_step(
                     c,
-                    a,
+                    self._forward,
                     dh,
                     tok,
                     starts + j,
@@ -600,7 +618,7 @@ class BatchDecoder:
             drafts = t0.new_zeros(B, 0)
         t2 = time.perf_counter()
         self.stats.time_draft += t2 - t
-        h, _ = a.forward(torch.cat([t0, drafts], 1), starts, self.cache, kv_len=kv0 + k)
+        h, _ = self._forward(torch.cat([t0, drafts], 1), starts, self.cache, kv_len=kv0 + k)
         logits = a.head(h)
         if contexts is not None:
             ctx = [torch.cat([x, drafts[b : b + 1, : num[b]]], 1) for b, x in enumerate(contexts)]
@@ -619,6 +637,7 @@ class BatchDecoder:
         _count(self.stats.batch_sizes, B)
         _count(self.stats.draft_lengths, k)
         self.stats.plain_rounds += kind == PLAIN
+        self.stats.graphs_captured = 0 if self.graphs is None else self.graphs.captured
         self.stats.lookup_rounds += kind == LOOKUP
         self.stats.layer_skip_rounds += kind == LAYER_SKIP
         outcomes, pending = [], []

@@ -99,6 +99,10 @@ class ClaspConfig:
     # kind (policy.TimeScale: the table is timed at one context length, without the loop's host
     # work); off = the table as measured
     online_costs: bool = True
+    # CUDA only: the batched loop's draft steps and verify replay captured CUDA graphs
+    # (cuda_graphs.py: one per decoder layer for drafts, one per padded verify length) instead of
+    # launching every kernel from Python; batch 1 runs through the batched loop too
+    cuda_graphs: bool = False
 
     @classmethod
     def of(cls, config: ClaspConfig | None, **overrides) -> ClaspConfig:
@@ -260,6 +264,10 @@ class ClaspConfig:
         need(
             isinstance(self.online_costs, bool),
             f"online_costs must be True or False, got {self.online_costs!r}",
+        )
+        need(
+            isinstance(self.cuda_graphs, bool),
+            f"cuda_graphs must be True or False, got {self.cuda_graphs!r}",
         )
         need(
             self.batch_skip_rule in BATCH_SKIP_RULES,

@@ -155,6 +155,11 @@ class ClaspDecoder:
         self.config = config.resolved(
             self.adapter.num_layers, getattr(model, "generation_config", None)
         )
+        if self.config.cuda_graphs:
+            raise ValueError(
+                "clasp_ext: cuda_graphs=True runs in the batched loop: use BatchDecoder, or "
+                "clasp_ext.generate(model, input_ids, cuda_graphs=True) (any batch size, 1 too)"
+            )
         self.callback = callback
         self.streamer = streamer
         self.logits_processor = logits_processor
@@ -261,7 +266,7 @@ class ClaspDecoder:
         c = self.config
         return draft_step(
             c,
-            self.adapter,
+            self.adapter.forward,
             self.draft_head,
             tok,
             pos,
@@ -538,18 +543,24 @@ def generate(
     ``batch.generate_batch`` (each row its own sequence; ``callback(row, tokens)``; no
     streamer)."""
     padded = attention_mask is not None and not bool(torch.as_tensor(attention_mask).all())
-    if isinstance(input_ids, Tensor) and input_ids.dim() == 1 and padded:  # one padded prompt
+    # cuda_graphs run in the batched loop (overrides may also hold ClaspDecoder's own arguments)
+    graphs = overrides.get("cuda_graphs", getattr(config, "cuda_graphs", False)) is True
+    if isinstance(input_ids, Tensor) and input_ids.dim() == 1 and (padded or graphs):
         input_ids = input_ids[None]
-        attention_mask = torch.as_tensor(attention_mask).reshape(1, -1)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).reshape(1, -1)
     if (
         isinstance(input_ids, Tensor)
         and input_ids.dim() == 2
-        and (input_ids.shape[0] > 1 or padded)
+        and (input_ids.shape[0] > 1 or padded or graphs)
     ):
         from clasp_ext.decoding.batch import generate_batch
 
         if streamer is not None:
-            raise ValueError("clasp_ext: streamer= takes one sequence; use callback(row, tokens)")
+            raise ValueError(
+                "clasp_ext: streamer= takes one sequence without cuda_graphs; use "
+                "callback(row, tokens)"
+            )
         return generate_batch(
             model, input_ids, config, attention_mask=attention_mask, callback=callback, **overrides
         )

@@ -59,7 +59,7 @@ def first_token(config, scores: Tensor, generators: list[torch.Generator]) -> Te
 
 def draft_step(
     config,
-    adapter,
+    forward,
     draft_head,
     tokens: Tensor,
     start,
@@ -72,13 +72,14 @@ def draft_step(
     want_top1: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One layer-skip draft step: the kept layers on ``tokens`` [B, 1] at ``start`` (an int, or
-    per-row positions with ``kv_len``: adapter.forward), then the draft head. Returns (the next
+    per-row positions with ``kv_len``) by ``forward`` (``ModelAdapter.forward``, or the same on
+    CUDA graphs: cuda_graphs.GraphedSteps.forward), then the draft head. Returns (the next
     draft tokens [B, 1] as full-vocabulary ids; their proposal distributions q [B, V] over the
     full vocabulary, None when greedy; the top-1 probabilities [B] when sampling or
     ``want_top1``, for the exit threshold). ``processor(full_logits [B, V]) -> [B, V]`` applies
     a logits processor (it indexes the full vocabulary, so the draft head's logits are widened
     first)."""
-    h, _ = adapter.forward(tokens, start, cache, skip=skip, kv_len=kv_len)
+    h, _ = forward(tokens, start, cache, skip=skip, kv_len=kv_len)
     logits = draft_head.logits(h)[:, -1]  # over the draft vocabulary
     to_ids, to_full = draft_head.token_ids, draft_head.full_probs
     if processor is not None:

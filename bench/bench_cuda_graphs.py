@@ -1,0 +1,172 @@
+"""The batched loop replayed from CUDA graphs (``ClaspConfig(cuda_graphs=True)``) against the same
+loop launching its kernels eagerly, on one model and one set of requests.
+
+Each batch size B decodes B random prompts (lengths 32..128) with policy="fixed" (every round
+drafts and verifies, so both graphed steps run), once per mode and repetition, interleaved, on one
+BatchDecoder per mode (graphs captured in its first run are replayed by the later ones). Reports
+per B and mode the median generated tokens per second, the first run's extra seconds (the
+captures), the rounds, and how many rows came out identical to the eager ones (random bf16
+weights give near-flat logits, so a near-tie may split a row: tests/test_decoding_cuda.py checks
+exactness in fp32). Writes JSON and a markdown table.
+
+    python bench/bench_cuda_graphs.py --random-shape llama3.2-1b --device cuda --out $OUT/graphs
+
+Without a GPU (``--device cpu``) the graphed mode runs the same static buffers without capture
+(what the CPU can check; its time says nothing about graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_e2e import machine_description  # noqa: E402
+from bench_step_costs import SHAPES, random_model  # noqa: E402
+
+from clasp_ext.cli import models  # noqa: E402
+from clasp_ext.decoding import BatchDecoder  # noqa: E402
+from clasp_ext.decoding.cuda_graphs import GraphedSteps  # noqa: E402
+from clasp_ext.timing import median_time  # noqa: E402
+
+MODES = ("eager", "graphs")
+
+
+def decoder(model, mode: str, B: int, args) -> BatchDecoder:
+    on_gpu = model.device.type == "cuda"
+    dec = BatchDecoder(
+        model,
+        max_batch=B,
+        max_cache_len=128 + args.new_tokens + 32,
+        policy="fixed",
+        max_draft=args.max_draft,
+        draft_exit_threshold=0.0,
+        eos_token_id=[],
+        cuda_graphs=mode == "graphs" and on_gpu,
+    )
+    if mode == "graphs" and not on_gpu:  # the static buffers, without capture
+        c = dec.config
+        dec.graphs = GraphedSteps(dec.adapter, dec.cache, B, c.max_round_draft + 1, False)
+    return dec
+
+
+def run_once(dec: BatchDecoder, prompts: list[list[int]], new_tokens: int):
+    ids = [dec.add(torch.tensor(p), max_new_tokens=new_tokens) for p in prompts]
+    rounds = dec.stats.rounds
+    done = {f.request_id: f for f in dec.run()}
+    return [done[i].tokens for i in ids], dec.stats.rounds - rounds
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", choices=sorted(models.MODELS), help="a named real model")
+    src.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(models.DTYPES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-draft", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True, help="output prefix (.json, .md)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    dtype = models.DTYPES[args.dtype]
+    if args.model:
+        model, _ = models.load(args.model, dtype)
+        model = model.to(dev)
+    else:
+        torch.manual_seed(0)
+        model = random_model(args.random_shape, dtype, dev)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for B in args.batch_sizes:
+        prompts = [
+            torch.randint(3, vocab, (int(torch.randint(32, 129, (1,), generator=g)),), generator=g)
+            for _ in range(B)
+        ]
+        prompts = [x.tolist() for x in prompts]
+        decs = {m: decoder(model, m, B, args) for m in MODES}
+        first, times, tokens, rounds = {}, {m: [] for m in MODES}, {}, {}
+        for rep in range(args.repeats + 1):  # repetition 0: first use (captures)
+            for m in MODES:
+                box = {}
+
+                def call(dec=decs[m], prompts=prompts, box=box):
+                    box["out"] = run_once(dec, prompts, args.new_tokens)
+
+                t = median_time(call, dev, 1)
+                tokens[m], rounds[m] = box["out"]
+                (times[m] if rep else first.setdefault(m, [])).append(t)
+        new = B * args.new_tokens
+        row = dict(batch=B, new_tokens=new, rounds=rounds["eager"])
+        for m in MODES:
+            med = statistics.median(times[m])
+            row[m] = dict(
+                tokens_per_s=new / med,
+                median_s=med,
+                first_run_extra_s=first[m][0] - med,
+                rounds=rounds[m],
+            )
+        graphs = decs["graphs"].graphs
+        row["graphs_captured"] = graphs.captured
+        row["graph_replays"] = graphs.replays
+        pairs = zip(tokens["eager"], tokens["graphs"], strict=True)
+        row["rows_identical"] = sum(a == b for a, b in pairs)
+        row["speedup"] = row["graphs"]["tokens_per_s"] / row["eager"]["tokens_per_s"]
+        results.append(row)
+        print(
+            f"B={B}: eager {row['eager']['tokens_per_s']:.1f} tok/s, graphs "
+            f"{row['graphs']['tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}x), captures "
+            f"{row['graphs_captured']} (+{row['graphs']['first_run_extra_s']:.2f} s first run), "
+            f"rows identical {row['rows_identical']}/{B}",
+            flush=True,
+        )
+        write(args, results)  # after each batch size: a step timeout keeps what was measured
+
+
+def write(args, results: list[dict]) -> None:
+    dev = torch.device(args.device)
+    env = machine_description(torch.get_num_threads())
+    env.update(
+        device=str(dev),
+        model=args.model or f"random {args.random_shape}",
+        dtype=args.dtype,
+        max_draft=args.max_draft,
+        capture=dev.type == "cuda",
+    )
+    out = dict(environment=env, results=results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    lines = [
+        f"CUDA graphs vs eager rounds: {env['model']} {args.dtype} on "
+        f"{env.get('gpu') or env['cpu']} (capture: {env['capture']}), policy fixed, max_draft "
+        f"{args.max_draft}, {args.new_tokens} new tokens per row, median of {args.repeats}",
+        "",
+        "| B | eager tok/s | graphs tok/s | ratio | rounds | captures | first-run extra s "
+        "| rows identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['batch']} | {r['eager']['tokens_per_s']:.1f} | "
+            f"{r['graphs']['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['rounds']} | "
+            f"{r['graphs_captured']} | {r['graphs']['first_run_extra_s']:.2f} | "
+            f"{r['rows_identical']}/{r['batch']} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
