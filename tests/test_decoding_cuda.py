@@ -247,3 +247,50 @@ def test_cuda_graphs_through_generate():
     out = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graphs=True)
     assert out.stats.graphs_captured > 0
     assert_lossless(model, out.sequences[0].tolist(), hf_greedy(model, ids, 24), ids.shape[1])
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@torch.no_grad()
+def test_int8_drafts(graphs):
+    """int8 draft weights (low_bit.py) on the device: the int8 matmul against its fp32 reference,
+    and batched greedy rows with int8 drafts (eager rounds, and replayed from CUDA graphs) equal
+    model.generate up to a near-tie. Skipped, with torch's reason, where this torch has no int8
+    weight matmul for the device (the reason is what gpu_check records)."""
+    from clasp_ext.decoding import BatchDecoder
+    from clasp_ext.decoding.low_bit import Int8Weight, check_supported
+
+    if graphs and ON_CPU:
+        pytest.skip("cuda_graphs=True needs a CUDA device")
+    try:
+        check_supported(torch.device(DEVICE), torch.bfloat16)
+    except ValueError as err:
+        pytest.skip(str(err))
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    q = Int8Weight(w.to(DEVICE))
+    deq = q.q.float() * q.scale.float()[:, None]
+    ref = x.to(DEVICE).float() @ deq.T
+    torch.testing.assert_close(q(x.to(DEVICE)).float(), ref, rtol=2e-2, atol=2e-2 * 8)
+
+    model = tiny_model("qwen2", layers=6, window=8, seed=3, dtype=torch.bfloat16).to(DEVICE)
+    prompts = [prompt(gen, repeat=i % 2 == 0) for i in range(3)]
+    dec = BatchDecoder(
+        model,
+        max_batch=3,
+        max_new_tokens=24,
+        max_cache_len=96,
+        policy="fixed",
+        draft_weights="int8",
+        cuda_graphs=graphs,
+    )
+    for ids in prompts:
+        dec.add(ids[0])
+    done = dec.run()
+    assert dec.int8_draft is not None and dec.stats.draft_steps > 0
+    for f, ids in zip(done, prompts, strict=True):
+        want = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24
+        )[0].tolist()
+        m = min(len(want), len(f.tokens))
+        assert_lossless(model, f.tokens[:m], want[:m], ids.shape[1])
