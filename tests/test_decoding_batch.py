@@ -382,6 +382,43 @@ def test_batch_policy_follows_the_cost_table():
 
 
 @torch.no_grad()
+def test_batch_drafts_stop_at_the_exit_threshold():
+    """policy="cost" in batches: a layer-skip draft stops once no row's draft token is sure
+    (draft_exit_threshold), as the batch-1 loop's does, and the policy learns how far drafts go.
+    A threshold no draft reaches: one draft step per layer-skip round; none: longer drafts."""
+    from clasp_ext.decoding.policy import CONTINUE_PRIOR, LAYER_SKIP
+
+    model = tiny_model("llama", layers=6, seed=9)
+    prompts = prompts_for(21, 3)
+    stats = {}
+    for thr in (1.0, 0.0):
+        dec = BatchDecoder(
+            model,
+            max_batch=3,
+            max_new_tokens=24,
+            num_skip_layers=2,
+            max_cache_len=96,
+            cost_tables=FLAT,
+            eos_token_id=[],
+            lookup_ngram=0,
+            draft_exit_threshold=thr,
+        )
+        for p in prompts:
+            dec.add(torch.tensor(p))
+        for f, p in zip(dec.run(), prompts, strict=True):
+            assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 24), len(p))
+        stats[thr] = dec.stats
+        cont = dec.policy.sources[LAYER_SKIP].cont
+        if thr > 0:
+            assert cont.at(0) < CONTINUE_PRIOR[0]  # it learnt that drafts stop
+        else:
+            assert cont is None  # no threshold: drafts run to their length
+    never = stats[1.0]
+    assert never.layer_skip_rounds > 0 and never.draft_steps == never.layer_skip_rounds
+    assert stats[0.0].draft_steps > stats[0.0].layer_skip_rounds
+
+
+@torch.no_grad()
 def test_batch_policy_scales_the_table_by_measured_round_times():
     """The batched policy times its rounds against a measured table (policy.TimeScale, per round
     kind; synthetic tables are used as given): drafted rounds that measure far slower than the

@@ -22,10 +22,11 @@ With policy="cost" the round's kind and k maximise the expected tokens per secon
 the rows, from the cost model at the live batch size (``cost_model`` measured with B rows: at
 batch 8, verifying 17 tokens per row costs 5.1 plain steps on the bf16 CPU where it costs 1.5 at
 batch 1) and acceptance estimates pooled over the rows (policy.py); policy="fixed" drafts
-``max_draft`` layer-skip tokens every round, stopped early when every row's draft falls below the
-exit threshold. The skip set is shared by the rows: each sequence runs the DP on its last prompt
-token when it joins (on its own row), and the set skips the M layers most of the live rows' DPs
-skip (ties to the lower layer).
+``max_draft`` layer-skip tokens every round. Either way a layer-skip draft stops early when no
+row's draft is sure (its top-1 probability below ``draft_exit_threshold``, or an EOS), as the
+batch-1 loop stops its own. The skip set is shared by the rows: each sequence runs the DP on its
+last prompt token when it joins (on its own row), and the set skips the M layers most of the live
+rows' DPs skip (ties to the lower layer).
 
 Lossless per row, as at batch 1: every emitted token is the verify op's verdict on the full
 model's logits for that row; the other rows only share the forward. Sampling draws each row's
@@ -198,9 +199,11 @@ class BatchDecoder:
         self.draft_head = DraftHead(a, c.draft_vocab_size, int8=self.int8_draft is not None)
         self.cost_tables: dict[int, CostTable] = dict(cost_tables or {})
         self.policy = None
-        if c.policy == "cost":  # drafts of exactly k tokens: no exit threshold in batches
+        if c.policy == "cost":  # drafts stop where no row's is sure (draft_exit_threshold)
             self.policy = CostPolicy(
-                self._measured(1), exit_threshold=False, online_costs=c.online_costs
+                self._measured(1),
+                exit_threshold=c.draft_exit_threshold > 0,
+                online_costs=c.online_costs,
             )
         self.cache = a.new_cache(self.capacity, batch=max_batch)
         self._device_state()
@@ -212,6 +215,7 @@ class BatchDecoder:
         self.stats = BatchStats()
         self._next_id = 0
         self._eos = set(c.eos_token_id)
+        self._eos_ids = torch.tensor(sorted(self._eos), dtype=torch.long, device=self.device)
 
     def resize(self, max_batch: int, max_cache_len: int) -> None:
         """New row count and slots per row (only while no request is live or queued)."""
@@ -488,10 +492,12 @@ class BatchDecoder:
         gain = MIN_GAIN if B == 1 else BATCH_MIN_GAIN
         best, choice = B / seconds(PLAIN, 0) * gain, (PLAIN, 0)
         if k_ls > 0:
+            # (E emitted, E drafted) per row for drafts of at most k; the draft goes on while
+            # any row's is sure, so its continuation estimate is the batch's
             e = pol.sources[LAYER_SKIP].expected(k_ls)
             for k in range(1, k_ls + 1):  # a row near its end drafts only up to its cap
                 emitted = sum(e[min(k, cap)][0] for cap in caps)
-                rate = emitted / seconds(LAYER_SKIP, k)
+                rate = emitted / seconds(LAYER_SKIP, e[k][1])
                 if rate > best:
                     best, choice = rate, (LAYER_SKIP, k)
         if any(lens):
@@ -540,7 +546,7 @@ class BatchDecoder:
                 ]
                 return self._processed_rows(ctx, full[:, None], [0] * B)[:, 0]
 
-        thr = c.draft_exit_threshold if self.policy is None else 0.0
+        thr = c.draft_exit_threshold
         weights = contextlib.nullcontext()
         if self.int8_draft is not None:
             weights = self.int8_draft.active(self.skip)
@@ -567,7 +573,7 @@ class BatchDecoder:
                 drafts.append(nxt)
                 tok = nxt
                 if thr > 0 and j + 1 < k:  # stop when no row's draft is sure enough
-                    sure = (top1 >= thr) | has[:, j]
+                    sure = ((top1 >= thr) & ~torch.isin(nxt[:, 0], self._eos_ids)) | has[:, j]
                     if not bool(sure.any()):
                         break
         return torch.cat(drafts, 1), (torch.stack(qs, 1) if qs else None)
@@ -606,12 +612,12 @@ class BatchDecoder:
                 t0, starts, kv0, k, [t for t, _ in looked], contexts, forward=False
             )
         elif kind == LAYER_SKIP:
-            num = [min(k, cap) for cap in caps]
+            num = allowed = [min(k, cap) for cap in caps]
             # the cascade: a row's 2- and 3-gram matches go first (a 1-gram match is mostly
             # wrong where text does not copy its context, and would displace the draft)
             prefix = [t[:m] if ng >= 2 else [] for (t, ng), m in zip(looked, num, strict=True)]
             drafts, q = self._draft(t0, starts, kv0, k, prefix, contexts)
-            k = drafts.shape[1]  # the exit threshold ("fixed") may have stopped it early
+            k = drafts.shape[1]  # the exit threshold may have stopped it early
             num = [min(x, k) for x in num]
         else:
             num = [0] * B
@@ -650,9 +656,10 @@ class BatchDecoder:
             st.plain_rounds += kind == PLAIN or num[b] == 0
             st.lookup_rounds += kind == LOOKUP and num[b] > 0
             st.layer_skip_rounds += kind == LAYER_SKIP and num[b] > 0
-            outcomes += self._outcomes(
-                kind, looked[b], prefix[b] if kind == LAYER_SKIP else None, num[b], acc
-            )
+            if kind == LAYER_SKIP:
+                outcomes += self._outcomes(kind, looked[b], prefix[b], num[b], acc, allowed[b])
+            else:
+                outcomes += self._outcomes(kind, looked[b], None, num[b], acc, num[b])
             emitted = self._commit(seq, [int(x) for x in host[b][1 : acc + 2]])
             st.round_tokens += len(emitted)
             pending.append((seq, emitted))
@@ -664,10 +671,11 @@ class BatchDecoder:
         return done
 
     @staticmethod
-    def _outcomes(kind, looked, prefix, drafted: int, accepted: int) -> list[tuple]:
+    def _outcomes(kind, looked, prefix, drafted: int, accepted: int, allowed: int) -> list[tuple]:
         """What a row's round teaches the policy: a lookup draft (or a cascade's looked-up
         prefix) teaches its n-gram source, a layer-skip draft (or the cascade's tail, reached when
-        the whole prefix was accepted) the layer-skip source."""
+        the whole prefix was accepted) the layer-skip source, and whether it stopped itself
+        before the ``allowed`` length (the exit threshold)."""
         if drafted == 0:
             return []
         if kind == LOOKUP:
@@ -675,7 +683,7 @@ class BatchDecoder:
         m = min(len(prefix), drafted)
         out = [(lookup_source(looked[1]), m, min(accepted, m), m)] if m else []
         if accepted >= m and drafted > m:
-            out.append((LAYER_SKIP, drafted - m, accepted - m, drafted - m))
+            out.append((LAYER_SKIP, drafted - m, accepted - m, allowed - m))
         return out
 
     def _commit(self, seq: _Sequence, toks: list[int]) -> list[int]:
