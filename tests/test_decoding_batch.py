@@ -419,6 +419,46 @@ def test_batch_drafts_stop_at_the_exit_threshold():
 
 
 @torch.no_grad()
+def test_batch_draft_stops_when_no_row_goes_on(monkeypatch):
+    """The stop rule of a batched layer-skip draft: a row stops at its first unsure draft token
+    (or EOS) or at its allowed length and stays stopped; the draft stops when no row goes on (a
+    row that fell below the threshold does not keep it going when its next token is sure)."""
+    import clasp_ext.decoding.batch as batch
+
+    model = tiny_model("llama", layers=4, seed=9)
+    dec = BatchDecoder(
+        model, max_batch=2, policy="fixed", num_skip_layers=1, draft_exit_threshold=0.5
+    )
+    for p in ([5, 6, 7], [8, 9, 10, 11]):
+        dec.add(torch.tensor(p), max_new_tokens=20)
+    dec._admit()
+    top1 = {}
+    calls = []
+
+    def fake_step(config, forward, head, tokens, start, cache, skip, gens, **kw):
+        j = len(calls)
+        calls.append(j)
+        return torch.full((2, 1), 3 + j), None, torch.tensor([top1[0][j], top1[1][j]])
+
+    monkeypatch.setattr(batch, "draft_step", fake_step)
+    t0, starts = dec._last[:2], dec._lens[:2].clone()
+
+    def steps(rows, allowed):
+        top1[0], top1[1] = rows
+        calls.clear()
+        drafts, _ = dec._draft(t0, starts, 20, 4, [[], []], None, allowed=allowed)
+        assert drafts.shape == (2, len(calls))
+        return len(calls)
+
+    # row 0 sure, then unsure, then sure again; row 1 unsure at once: stops after 2 steps
+    assert steps(([0.9, 0.1, 0.9, 0.9], [0.1, 0.9, 0.9, 0.9]), [4, 4]) == 2
+    assert steps(([0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1]), [4, 4]) == 4  # one row goes on
+    assert steps(([0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1]), [2, 4]) == 2  # ... to its length
+    dec._eos_ids = torch.tensor([4])  # the second draft token (id 4) is an EOS: both stop
+    assert steps(([0.9, 0.9, 0.9, 0.9], [0.9, 0.9, 0.9, 0.9]), [4, 4]) == 2
+
+
+@torch.no_grad()
 def test_batch_policy_scales_the_table_by_measured_round_times():
     """The batched policy times its rounds against a measured table (policy.TimeScale, per round
     kind; synthetic tables are used as given): drafted rounds that measure far slower than the

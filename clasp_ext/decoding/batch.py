@@ -519,10 +519,13 @@ class BatchDecoder:
         looked: list[list[int]],
         contexts: list[Tensor] | None,
         forward=True,
+        allowed: list[int] | None = None,
     ):
         """k draft tokens per row [B, k] (and their proposals q [B, k, V] when sampling): a row's
         ``looked`` tokens first, then (``forward``) layer-skip draft tokens, scored by the rows'
-        logits processors after their ``contexts`` (None: no row has one)."""
+        logits processors after their ``contexts`` (None: no row has one). The draft stops early
+        once no row goes on: a row stops at its first draft token below the exit threshold or
+        EOS, and at its ``allowed`` length (a row near its end)."""
         c, a, dh = self.config, self.adapter, self.draft_head
         B = t0.shape[0]
         lk = torch.zeros(B, k, dtype=torch.long)
@@ -551,6 +554,8 @@ class BatchDecoder:
         weights = contextlib.nullcontext()
         if self.int8_draft is not None:
             weights = self.int8_draft.active(self.skip)
+        alive_len = torch.tensor(allowed or [k] * B, device=self.device)
+        alive = alive_len > 0  # rows whose draft goes on (a stopped row stays stopped)
         with weights:
             for j in range(k):
                 nxt, q, top1 = draft_step(
@@ -573,9 +578,10 @@ class BatchDecoder:
                 nxt = torch.where(has[:, j : j + 1], lk[:, j : j + 1], nxt)
                 drafts.append(nxt)
                 tok = nxt
-                if thr > 0 and j + 1 < k:  # stop when no row's draft is sure enough
+                if thr > 0 and j + 1 < k:  # stop when no row goes on (one read per draft step)
                     sure = ((top1 >= thr) & ~torch.isin(nxt[:, 0], self._eos_ids)) | has[:, j]
-                    if not bool(sure.any()):
+                    alive &= sure & (j + 1 < alive_len)
+                    if not bool(alive.any()):
                         break
         return torch.cat(drafts, 1), (torch.stack(qs, 1) if qs else None)
 
@@ -617,7 +623,7 @@ class BatchDecoder:
             # the cascade: a row's 2- and 3-gram matches go first (a 1-gram match is mostly
             # wrong where text does not copy its context, and would displace the draft)
             prefix = [t[:m] if ng >= 2 else [] for (t, ng), m in zip(looked, num, strict=True)]
-            drafts, q = self._draft(t0, starts, kv0, k, prefix, contexts)
+            drafts, q = self._draft(t0, starts, kv0, k, prefix, contexts, allowed=allowed)
             k = drafts.shape[1]  # the exit threshold may have stopped it early
             num = [min(x, k) for x in num]
         else:

@@ -180,7 +180,7 @@ class GraphedSteps:
             )
         need = int(kv_len) + padded - T  # the pad columns sit past the last real query
         capacity = self.cache.capacity
-        if need > capacity:  # checked here: a scatter past the buffer is a device-side assert
+        if need > capacity:  # checked here: a write past a row's slots would land in another's
             raise RuntimeError(
                 f"clasp_ext: KV cache overflow (a graphed round reaching slot {need} of {capacity})"
             )

@@ -17,7 +17,7 @@ Batches (batch.py): the buffers hold ``batch`` rows, one sequence each, and rows
 slot s holds position s of that row's sequence, whatever the other rows' lengths (no padding in the
 cache; every row is prefilled on its own through ``row(b)``, a view that reads and writes row b
 only). A round over all rows calls ``set_write(starts, kv_len)`` with one first slot per row (a
-device tensor [B]): ``update`` scatters each row's T new K/V to its own slots and returns the view
+device tensor [B]): ``update`` writes each row's T new K/V to its own slots and returns the view
 ``[0, kv_len)`` of every row; the attention masks (adapter.row_masks) hide what lies past each
 row's own queries. ``move_row`` copies a row onto another (batch.py keeps the live rows in
 ``[0, B)`` when a sequence leaves).
@@ -109,6 +109,9 @@ class ClaspKVCache(Cache):
             )
         k = self._buffer(self.keys, layer_idx, key_states)
         v = self._buffer(self.values, layer_idx, value_states)
+        # Not range-checked per row (that would read the starts back to the host): kv_len must
+        # cover every row's last new slot, as adapter.forward's contract says, and is checked
+        # against the capacity above; a slot past a row's capacity would land in the next one's.
         # row b, head h, slot s is row (b * H + h) * capacity + s of the buffer viewed as
         # [-1, D]: one index per (row, head, new token) for index_copy_, which runs 7-20x faster
         # than a scatter_ whose index has one entry per element (bf16, 2 CPU threads, B 1-8)
