@@ -33,7 +33,6 @@ from bench_step_costs import SHAPES, random_model  # noqa: E402
 
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding import BatchDecoder  # noqa: E402
-from clasp_ext.decoding.cuda_graphs import GraphedSteps  # noqa: E402
 from clasp_ext.timing import median_time  # noqa: E402
 
 MODES = ("eager", "graphs")
@@ -52,8 +51,7 @@ def decoder(model, mode: str, B: int, args) -> BatchDecoder:
         cuda_graphs=mode == "graphs" and on_gpu,
     )
     if mode == "graphs" and not on_gpu:  # the static buffers, without capture
-        c = dec.config
-        dec.graphs = GraphedSteps(dec.adapter, dec.cache, B, c.max_round_draft + 1, False)
+        dec.graphs = dec.graphed_steps(capture=False)
     return dec
 
 

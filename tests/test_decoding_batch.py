@@ -346,6 +346,25 @@ def test_batch_skip_rules(rule):
         assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 12), len(p))
 
 
+def decode_lossless(model, prompts, **kw) -> BatchDecoder:
+    """The prompts through a 3-row BatchDecoder (24 tokens each, 2 layers skipped, no EOS; ``kw``
+    on top), every row checked against model.generate on its prompt alone. Returns the decoder."""
+    dec = BatchDecoder(
+        model,
+        max_batch=3,
+        max_new_tokens=24,
+        num_skip_layers=2,
+        max_cache_len=96,
+        eos_token_id=[],
+        **kw,
+    )
+    for p in prompts:
+        dec.add(torch.tensor(p))
+    for f, p in zip(dec.run(), prompts, strict=True):
+        assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 24), len(p))
+    return dec
+
+
 @torch.no_grad()
 def test_batch_policy_follows_the_cost_table():
     """policy="cost" in batches: where verify cost grows like the tokens verified (a CPU without
@@ -356,21 +375,7 @@ def test_batch_policy_follows_the_cost_table():
     linear = {b: CostTable({1: 1.0, 32: 32.0}, 0.5, 0.0) for b in range(1, 4)}
     runs = {}
     for name, tables in (("linear", linear), ("flat", FLAT)):
-        dec = BatchDecoder(
-            model,
-            max_batch=3,
-            max_new_tokens=24,
-            num_skip_layers=2,
-            max_cache_len=96,
-            cost_tables=tables,
-            eos_token_id=[],
-        )
-        for p in prompts:
-            dec.add(torch.tensor(p))
-        done = dec.run()
-        for f, p in zip(done, prompts, strict=True):
-            assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 24), len(p))
-        runs[name] = dec.stats
+        runs[name] = decode_lossless(model, prompts, cost_tables=tables).stats
     assert runs["linear"].plain_rounds == runs["linear"].rounds
     assert runs["linear"].draft_steps == 0
     flat = runs["flat"]
@@ -392,21 +397,9 @@ def test_batch_drafts_stop_at_the_exit_threshold():
     prompts = prompts_for(21, 3)
     stats = {}
     for thr in (1.0, 0.0):
-        dec = BatchDecoder(
-            model,
-            max_batch=3,
-            max_new_tokens=24,
-            num_skip_layers=2,
-            max_cache_len=96,
-            cost_tables=FLAT,
-            eos_token_id=[],
-            lookup_ngram=0,
-            draft_exit_threshold=thr,
+        dec = decode_lossless(
+            model, prompts, cost_tables=FLAT, lookup_ngram=0, draft_exit_threshold=thr
         )
-        for p in prompts:
-            dec.add(torch.tensor(p))
-        for f, p in zip(dec.run(), prompts, strict=True):
-            assert_prefix_lossless(model, f.tokens, hf_alone(model, p, 24), len(p))
         stats[thr] = dec.stats
         cont = dec.policy.sources[LAYER_SKIP].cont
         if thr > 0:

@@ -208,7 +208,6 @@ def test_cuda_graph_rows_equal_eager(family, dtype):
     to a near-tie). On the CPU (CLASP_CUDA_TESTS_ON_CPU=1) the same rounds run on the static
     buffers without capture."""
     from clasp_ext.decoding import BatchDecoder
-    from clasp_ext.decoding.cuda_graphs import GraphedSteps
 
     model = tiny_model(family, layers=6, window=8, seed=3, dtype=dtype).to(DEVICE)
     gen = torch.Generator().manual_seed(19)
@@ -219,8 +218,7 @@ def test_cuda_graph_rows_equal_eager(family, dtype):
         kw = dict(max_batch=3, max_new_tokens=n_new, max_cache_len=96, policy="fixed")
         dec = BatchDecoder(model, cuda_graphs=graphs and not ON_CPU, **kw)
         if graphs and ON_CPU:
-            tokens = dec.config.max_round_draft + 1
-            dec.graphs = GraphedSteps(dec.adapter, dec.cache, 3, tokens, capture=False)
+            dec.graphs = dec.graphed_steps(capture=False)
         for ids in prompts:
             dec.add(ids[0])
         runs.append(dec.run())

@@ -23,8 +23,7 @@ def static_decoder(model, **kw) -> BatchDecoder:
     """A BatchDecoder whose rounds run on GraphedSteps without capture (what cuda_graphs=True
     builds on a GPU, with capture=True)."""
     dec = BatchDecoder(model, **kw)
-    c = dec.config
-    dec.graphs = GraphedSteps(dec.adapter, dec.cache, dec.max_batch, c.max_round_draft + 1, False)
+    dec.graphs = dec.graphed_steps(capture=False)
     return dec
 
 

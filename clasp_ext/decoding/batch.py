@@ -241,11 +241,15 @@ class BatchDecoder:
         self._lens = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
         self._last = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
         # the rounds' forward on this cache: the adapter's, or (cuda_graphs) the same replayed
-        # from CUDA graphs over static buffers (tests put a capture=False one here on the CPU)
-        self.graphs = None
-        if self.config.cuda_graphs:
-            tokens = self.config.max_round_draft + 1
-            self.graphs = GraphedSteps(self.adapter, self.cache, self.max_batch, tokens, True)
+        # from CUDA graphs over static buffers
+        self.graphs = self.graphed_steps() if self.config.cuda_graphs else None
+
+    def graphed_steps(self, capture: bool = True) -> GraphedSteps:
+        """The rounds' forward on static buffers over this decoder's cache, captured as CUDA
+        graphs; ``capture=False`` runs the same buffers eagerly (the CPU's stand-in: tests and
+        bench_cuda_graphs.py set ``self.graphs`` to one)."""
+        tokens = self.config.max_round_draft + 1
+        return GraphedSteps(self.adapter, self.cache, self.max_batch, tokens, capture)
 
     def _forward(self, ids: Tensor, starts: Tensor, cache, skip=None, kv_len=None):
         """A round's forward over the live rows (adapter.forward with per-row starts)."""
@@ -554,8 +558,9 @@ class BatchDecoder:
         weights = contextlib.nullcontext()
         if self.int8_draft is not None:
             weights = self.int8_draft.active(self.skip)
-        alive_len = torch.tensor(allowed or [k] * B, device=self.device)
-        alive = alive_len > 0  # rows whose draft goes on (a stopped row stays stopped)
+        if thr > 0:  # rows whose draft goes on (a stopped row stays stopped), and their lengths
+            allowed_t = torch.tensor(allowed or [k] * B, device=self.device)
+            alive = allowed_t > 0
         with weights:
             for j in range(k):
                 nxt, q, top1 = draft_step(
@@ -580,7 +585,7 @@ class BatchDecoder:
                 tok = nxt
                 if thr > 0 and j + 1 < k:  # stop when no row goes on (one read per draft step)
                     sure = ((top1 >= thr) & ~torch.isin(nxt[:, 0], self._eos_ids)) | has[:, j]
-                    alive &= sure & (j + 1 < alive_len)
+                    alive &= sure & (j + 1 < allowed_t)
                     if not bool(alive.any()):
                         break
         return torch.cat(drafts, 1), (torch.stack(qs, 1) if qs else None)
@@ -614,7 +619,7 @@ class BatchDecoder:
         q = None
         if kind == LOOKUP:  # the rows' own matches only
             looked = [(t[:k], n) for t, n in looked]
-            num = [len(t) for t, _ in looked]
+            num = allowed = [len(t) for t, _ in looked]
             drafts, q = self._draft(
                 t0, starts, kv0, k, [t for t, _ in looked], contexts, forward=False
             )
@@ -627,7 +632,7 @@ class BatchDecoder:
             k = drafts.shape[1]  # the exit threshold may have stopped it early
             num = [min(x, k) for x in num]
         else:
-            num = [0] * B
+            num = allowed = [0] * B
             drafts = t0.new_zeros(B, 0)
         t2 = time.perf_counter()
         self.stats.time_draft += t2 - t
@@ -663,10 +668,14 @@ class BatchDecoder:
             st.plain_rounds += kind == PLAIN or num[b] == 0
             st.lookup_rounds += kind == LOOKUP and num[b] > 0
             st.layer_skip_rounds += kind == LAYER_SKIP and num[b] > 0
-            if kind == LAYER_SKIP:
-                outcomes += self._outcomes(kind, looked[b], prefix[b], num[b], acc, allowed[b])
-            else:
-                outcomes += self._outcomes(kind, looked[b], None, num[b], acc, num[b])
+            outcomes += self._outcomes(
+                kind,
+                looked[b],
+                prefix[b] if kind == LAYER_SKIP else None,
+                num[b],
+                acc,
+                allowed[b],
+            )
             emitted = self._commit(seq, [int(x) for x in host[b][1 : acc + 2]])
             st.round_tokens += len(emitted)
             pending.append((seq, emitted))

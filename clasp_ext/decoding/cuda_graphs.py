@@ -47,9 +47,6 @@ def verify_lengths(max_tokens: int) -> list[int]:
     return sorted({t for t in VERIFY_LENGTHS if t < max_tokens} | {max_tokens})
 
 
-_nothing = contextlib.nullcontext
-
-
 def _tensors(tree) -> list[Tensor]:
     return [x for x in tree_leaves(tree) if isinstance(x, Tensor)]
 
@@ -147,7 +144,9 @@ class GraphedSteps:
     def _run(self, key: tuple, make, state: Tensor | None = None):
         step = self.steps.get(key)
         if step is None:
-            device = torch.cuda.device(self.adapter.device) if self.capture else _nothing()
+            device = contextlib.nullcontext()
+            if self.capture:
+                device = torch.cuda.device(self.adapter.device)
             try:
                 with device:
                     self.steps[key] = step = _Replay(make(), self.capture, self.pool, state)
