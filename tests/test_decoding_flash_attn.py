@@ -29,6 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from clasp_ext.decoding import generate
 from clasp_ext.decoding.adapter import ModelAdapter
+from clasp_ext.decoding.attention import PACKED_GQA_SDPA
 from clasp_ext.decoding.layer_search import dp_skip_search
 
 torch.set_num_threads(1)
@@ -176,7 +177,7 @@ def test_dp_on_flash_model_equals_sequential(flash, family, M):
     model = tiny_model(family, layers=6, window=window, seed=1)
     with use_flash(model, "flash_attention_2"):
         adapter = ModelAdapter(model)
-        assert adapter.is_flash and adapter.masked_attn_implementation == "sdpa"
+        assert adapter.is_flash and adapter.masked_attn_implementation == PACKED_GQA_SDPA
         T = 3 * window
         ids = torch.randint(
             3, adapter.vocab_size, (1, T), generator=torch.Generator().manual_seed(5)
@@ -207,9 +208,10 @@ def test_masked_attention_restores_on_error(flash):
         adapter = ModelAdapter(model)
         assert all(m is None for m in adapter.causal_masks(torch.arange(4), 4).values())
         with pytest.raises(RuntimeError, match="boom"), adapter.masked_attention():
-            assert model.config._attn_implementation == "sdpa"
+            assert model.config._attn_implementation == PACKED_GQA_SDPA
             assert all(
-                layer.self_attn.config._attn_implementation == "sdpa" for layer in adapter.layers
+                layer.self_attn.config._attn_implementation == PACKED_GQA_SDPA
+                for layer in adapter.layers
             )
             raise RuntimeError("boom")
         assert model.config._attn_implementation == "flash_attention_3"

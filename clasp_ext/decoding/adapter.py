@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from clasp_ext.decoding import attention
 from clasp_ext.decoding.kv_cache import ClaspKVCache
 
 SUPPORTED_ATTN = ("eager", "sdpa")  # plus the flash-attention family, see _is_flash_attention
@@ -244,9 +245,12 @@ class ModelAdapter:
                         f"clasp_ext: layer {i} attention is not causal (is_causal=False); "
                         "flash attention would then attend to future tokens"
                     )
-        # The implementation the DP's masked call runs with (see masked_attention), and the
-        # config objects the attention modules dispatch on (usually one, shared).
-        self.masked_attn_implementation = "sdpa" if self.is_flash else self.attn_implementation
+        # The implementation the masked calls (the DP, ragged batches; see masked_attention) run
+        # with: sdpa without per-head K/V copies (attention.py) for sdpa and flash models, and the
+        # implementation the decoding forwards run with (layer_attention); and the config objects
+        # the attention modules dispatch on (usually one, shared).
+        sdpa_like = self.is_flash or self.attn_implementation == "sdpa"
+        self._set_masked_attention(attention.register() if sdpa_like else self.attn_implementation)
         attn_configs = {id(text_config): text_config}
         for attn in self.attn_modules:
             cfg = getattr(attn, "config", None)
@@ -438,13 +442,17 @@ class ModelAdapter:
 
     def layer_attention(self, start: int | Tensor):
         """The attention context the layers of a forward at ``start`` run in: ragged batches'
-        per-row masks need ``masked_attention``."""
-        return self.masked_attention() if isinstance(start, Tensor) else contextlib.nullcontext()
+        per-row masks need ``masked_attention``; a one-sequence forward runs an sdpa model's
+        layers with the packed grouped-query sdpa too (attention.py: no K/V copy per query head),
+        a flash model's with flash attention."""
+        if isinstance(start, Tensor):
+            return self.masked_attention()
+        return self._attention(self.forward_attn_implementation)
 
     # ------------------------------------------------------------------ masks
     def _to_attn_mask(self, allowed: Tensor, attn_implementation: str) -> Tensor:
         """bool [T, S] (True = may attend) -> the 4-D mask [1, 1, T, S] the attention expects."""
-        if attn_implementation == "sdpa":
+        if attn_implementation in ("sdpa", attention.PACKED_GQA_SDPA):
             return allowed[None, None]
         zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
         neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=allowed.device)
@@ -512,7 +520,8 @@ class ModelAdapter:
         """Within this block the decoder layers attend with ``masked_attn_implementation``, which
         takes an arbitrary 4-D mask (``candidate_masks``).
 
-        For eager and sdpa that is the model's own implementation and nothing changes. Flash
+        For eager that is the model's own implementation; for sdpa the packed grouped-query
+        sdpa (attention.py), the same attention without a K/V copy per query head. Flash
         attention has no mask argument: it only knows causal (bottom-right) + sliding window +
         padding, and the DP's layout (candidates that see neither each other nor cache slot p,
         the full model's own entry for the token they stand for) is none of these. So for the DP's
@@ -521,13 +530,19 @@ class ModelAdapter:
         attention modules read on every call; it is restored on exit, also on error. The switch is
         visible to anything else running this model concurrently (another thread), as any
         ``set_attn_implementation`` would be."""
-        if self.masked_attn_implementation == self.attn_implementation:
+        with self._attention(self.masked_attn_implementation):
+            yield
+
+    @contextlib.contextmanager
+    def _attention(self, implementation: str):
+        """The attention modules dispatch to ``implementation`` within this block."""
+        if implementation == self.attn_implementation:
             yield
             return
         saved = [(cfg, cfg._attn_implementation) for cfg in self._attn_configs]
         try:
             for cfg, _ in saved:
-                cfg._attn_implementation = self.masked_attn_implementation
+                cfg._attn_implementation = implementation
             yield
         finally:
             for cfg, impl in saved:
@@ -539,9 +554,39 @@ class ModelAdapter:
         key = (self.dtype, self.device, self.attn_implementation)
         done = _CHECKED.setdefault(self.model, {})
         if key not in done:
+            packed = attention.PACKED_GQA_SDPA
+            if self.masked_attn_implementation == packed and not self._packed_attention_runs():
+                self._set_masked_attention("sdpa")
             self.self_check()
-            done[key] = (self.embed_scale, self._ragged_error())
-        self.embed_scale, self.ragged_error = done[key]
+            done[key] = (self.embed_scale, self._ragged_error(), self.masked_attn_implementation)
+        self.embed_scale, self.ragged_error, masked = done[key]
+        self._set_masked_attention(masked)
+
+    def _set_masked_attention(self, implementation: str) -> None:
+        self.masked_attn_implementation = implementation
+        self.forward_attn_implementation = (
+            self.attn_implementation if self.is_flash else implementation
+        )
+
+    @torch.no_grad()
+    def _packed_attention_runs(self) -> bool:
+        """Whether every decoder layer's attention runs ``attention.packed_gqa_sdpa`` when the
+        config names it: some families (Falcon) test for the name "sdpa" and run their own
+        attention for any other name, which would then get masks it does not take."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        cache = self.new_cache(4)
+
+        def run(name):
+            h, pos_ids, pe, masks = self.forward_inputs(ids, 0, None)
+            cache.set_write(0, None)
+            with self._attention(name):
+                for i in range(self.num_layers):
+                    h = self.run_layer(i, h, pos_ids, pe, masks, cache)
+
+        try:
+            return attention.packed_calls(run) == self.num_layers
+        except Exception:  # noqa: BLE001 - a family's own path failing on the mask: not used
+            return False
 
     def check_ragged(self) -> None:
         """Raises UnsupportedModelError where ragged batches (batch.py) are not exact on this

@@ -1,0 +1,134 @@
+"""The packed grouped-query sdpa (clasp_ext/decoding/attention.py) against the attention it
+replaces, fp32 reference of K/V repeated per query head, over odd shapes; and which
+implementation the adapter's forwards dispatch to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoding_models import FAMILIES, tiny_model
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from clasp_ext.decoding.adapter import ModelAdapter
+from clasp_ext.decoding.attention import PACKED_GQA_SDPA, packed_calls, packed_gqa_sdpa
+
+
+class _Module:  # what the attention functions read of the attention module
+    is_causal = True
+
+    def __init__(self, groups):
+        self.num_key_value_groups = groups
+
+
+def _reference(q, k, v, mask, scale):
+    """fp32 attention with K/V repeated per query head; output [B, T, H, D]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k.float(), rep), repeat_kv(v.float(), rep)
+    s = (q.float() @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+def _ragged_mask(B, T, S, gen, window=None):
+    """Row b's queries at its own last positions (a ragged batch), causal within the window."""
+    last = torch.randint(T - 1, S, (B,), generator=gen)
+    pos = last[:, None] - torch.arange(T - 1, -1, -1)
+    slots = torch.arange(S)
+    allowed = slots[None, None] <= pos[:, :, None]
+    if window is not None:
+        allowed &= slots[None, None] > pos[:, :, None] - window
+    return allowed[:, None]  # [B, 1, T, S]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,H,Hk,T,S,D,window",
+    [
+        (1, 4, 2, 1, 5, 16, None),
+        (1, 12, 2, 3, 130, 64, None),
+        (3, 6, 3, 17, 64, 32, 9),
+        (2, 8, 1, 5, 700, 16, None),
+        (5, 14, 2, 2, 33, 128, 7),
+        (1, 4, 2, 40, 40, 16, None),
+    ],
+)
+def test_packed_equals_repeated_reference(dtype, B, H, Hk, T, S, D, window):
+    gen = torch.Generator().manual_seed(B * 1000 + T * 10 + S)
+    q = torch.randn(B, T, H, D, generator=gen).to(dtype).transpose(1, 2)  # as the modules pass it
+    k = torch.randn(B, Hk, S, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hk, S, D, generator=gen).to(dtype)
+    mask = _ragged_mask(B, T, S, gen, window)
+    scale = D**-0.5
+    got, weights = packed_gqa_sdpa(_Module(H // Hk), q, k, v, mask, scaling=scale)
+    want = _reference(q, k, v, mask, scale)
+    assert weights is None and got.shape == (B, T, H, D) and got.dtype == dtype
+    assert got.is_contiguous()
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    mask_b1 = mask[:1]  # one mask for every row broadcasts as in the model's own calls
+    got1, _ = packed_gqa_sdpa(_Module(H // Hk), q, k, v, mask_b1, scaling=scale)
+    torch.testing.assert_close(
+        got1.float(), _reference(q, k, v, mask_b1.expand_as(mask), scale), rtol=tol, atol=tol
+    )
+
+
+def test_what_it_does_not_cover_goes_to_transformers_sdpa():
+    """No mask (causal by flag), a per-head mask, one K/V head per query head: transformers'
+    own sdpa function, same result."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 16, generator=gen)
+    k = torch.randn(2, 2, 6, 16, generator=gen)
+    v = torch.randn(2, 2, 6, 16, generator=gen)
+    per_head = torch.rand(2, 4, 6, 6, generator=gen) > 0.3
+    per_head[..., 0] = True
+    for mask, kv in ((None, (k, v)), (per_head, (k, v)), (None, (q, q))):
+        m = _Module(q.shape[1] // kv[0].shape[1])
+        got, _ = packed_gqa_sdpa(m, q, *kv, mask, scaling=0.25)
+        want, _ = sdpa_attention_forward(m, q, *kv, mask, scaling=0.25)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_adapter_forwards_run_packed_attention(family):
+    """An sdpa model's decoding forwards (one sequence and ragged) run every layer through the
+    packed attention, and the model's own config is sdpa again after them."""
+    model = tiny_model(family, layers=3)
+    a = ModelAdapter(model)
+    assert a.masked_attn_implementation == a.forward_attn_implementation == PACKED_GQA_SDPA
+    ids = torch.randint(3, a.vocab_size, (2, 4), generator=torch.Generator().manual_seed(1))
+
+    def run(name):
+        a._set_masked_attention(name)
+        try:
+            cache = a.new_cache(16, batch=2)
+            a.forward(ids[:1], 0, cache.row(0))
+            a.forward(ids, torch.tensor([4, 0]), cache, kv_len=8)
+        finally:
+            a._set_masked_attention(PACKED_GQA_SDPA)
+
+    assert packed_calls(run) == 2 * a.num_layers
+    assert model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_family_that_tests_for_sdpa_by_name_keeps_sdpa():
+    """Falcon's attention runs sdpa only when the config says "sdpa" (its own math for any other
+    name): the adapter finds the packed function is not called and keeps sdpa."""
+    import transformers as tf
+
+    cfg = tf.FalconConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = tf.FalconForCausalLM(cfg).eval()
+    a = ModelAdapter(model)
+    assert a.masked_attn_implementation == a.forward_attn_implementation == "sdpa"
