@@ -101,13 +101,13 @@ def test_adapter_forwards_run_packed_attention(family):
     ids = torch.randint(3, a.vocab_size, (2, 4), generator=torch.Generator().manual_seed(1))
 
     def run(name):
-        a._set_masked_attention(name)
+        a.set_masked_attention(name)
         try:
             cache = a.new_cache(16, batch=2)
             a.forward(ids[:1], 0, cache.row(0))
             a.forward(ids, torch.tensor([4, 0]), cache, kv_len=8)
         finally:
-            a._set_masked_attention(PACKED_GQA_SDPA)
+            a.set_masked_attention(PACKED_GQA_SDPA)
 
     assert packed_calls(run) == 2 * a.num_layers
     assert model.config._attn_implementation == "sdpa"

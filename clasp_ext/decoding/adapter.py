@@ -250,7 +250,7 @@ class ModelAdapter:
         # implementation the decoding forwards run with (layer_attention); and the config objects
         # the attention modules dispatch on (usually one, shared).
         sdpa_like = self.is_flash or self.attn_implementation == "sdpa"
-        self._set_masked_attention(attention.register() if sdpa_like else self.attn_implementation)
+        self.set_masked_attention(attention.register() if sdpa_like else self.attn_implementation)
         attn_configs = {id(text_config): text_config}
         for attn in self.attn_modules:
             cfg = getattr(attn, "config", None)
@@ -556,13 +556,15 @@ class ModelAdapter:
         if key not in done:
             packed = attention.PACKED_GQA_SDPA
             if self.masked_attn_implementation == packed and not self._packed_attention_runs():
-                self._set_masked_attention("sdpa")
+                self.set_masked_attention("sdpa")
             self.self_check()
             done[key] = (self.embed_scale, self._ragged_error(), self.masked_attn_implementation)
         self.embed_scale, self.ragged_error, masked = done[key]
-        self._set_masked_attention(masked)
+        self.set_masked_attention(masked)
 
-    def _set_masked_attention(self, implementation: str) -> None:
+    def set_masked_attention(self, implementation: str) -> None:
+        """The attention the masked calls and (but on flash models) the decoding forwards run:
+        ``attention.PACKED_GQA_SDPA`` or "sdpa" (the benchmarks compare them), or eager."""
         self.masked_attn_implementation = implementation
         self.forward_attn_implementation = (
             self.attn_implementation if self.is_flash else implementation
