@@ -62,8 +62,8 @@ def main(argv=None):
                     ids = torch.randint(0, a.vocab_size, (B, T), generator=gen)
                     starts = torch.full((B,), ctx, dtype=torch.int32)
 
-                    def forward(ids=ids, starts=starts, T=T):
-                        a.forward(ids, starts, cache, kv_len=ctx + T)
+                    def forward(ids=ids, starts=starts, cache=cache, kv_len=ctx + T):
+                        a.forward(ids, starts, cache, kv_len=kv_len)
 
                     times = {PACKED_GQA_SDPA: [], "sdpa": []}
                     for r in range(args.repeats):

@@ -98,9 +98,17 @@ class Estimate:
 class TimeScale:
     """Measured round time over the table's prediction, a running ratio per round kind (plain,
     layer skip, lookup): the table is timed at one context length and without the loop's host
-    work, the rounds run at their own. Starts at 1 (the table as measured)."""
+    work, the rounds run at their own. Starts at 1 (the table as measured).
+
+    A drafted kind's ratio is kept relative to the plain rounds': what slows a plain round (a
+    longer context than the table's, a busy machine) slows a drafted round's forwards too, so a
+    kind seen rarely (layer-skip drafts at batch 8, where most rounds are plain) starts from the
+    plain rounds' ratio instead of the table's, and its own rounds teach how much slower or
+    faster than that it runs. Seen alone (plain rounds rare, at batch 1), its relative ratio
+    carries all."""
 
     def __init__(self):
+        # PLAIN: the plain rounds' ratio; the others: their ratio over PLAIN's
         self.r = {PLAIN: 1.0, LAYER_SKIP: 1.0, LOOKUP: 1.0}
         self.n = dict.fromkeys(self.r, 0)
 
@@ -109,7 +117,8 @@ class TimeScale:
         return LOOKUP if kind in LOOKUPS else kind
 
     def __call__(self, kind: str) -> float:
-        return self.r[self.group(kind)]
+        g = self.group(kind)
+        return self.r[PLAIN] * (self.r[g] if g != PLAIN else 1.0)
 
     def observe(self, kind: str, predicted_s: float, actual_s: float) -> None:
         """One round of ``kind``: the table said ``predicted_s``, it took ``actual_s``."""
@@ -121,6 +130,8 @@ class TimeScale:
             return
         lo, hi = TIME_RATIO_RANGE
         x = min(hi, max(lo, actual_s / predicted_s))
+        if g != PLAIN:
+            x /= self.r[PLAIN]
         self.n[g] += 1
         self.r[g] += max(RATE, 1.0 / (self.n[g] + TIME_PRIOR_WEIGHT)) * (x - self.r[g])
 
