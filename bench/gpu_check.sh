@@ -12,15 +12,16 @@
 # Steps: build the extension with the CUDA kernels against the machine's torch; the CUDA op tests
 # (every test taking `device`, CUDA parameter); the decoder on CUDA (tests/test_decoding_cuda.py:
 # greedy equals model.generate, sampling, DP on CUDA = DP on CPU, batches, CUDA-graph rounds equal
-# eager ones); CUDA graphs against eager rounds (bench/bench_cuda_graphs.py); per-step costs of a
-# LLaMA-3-8B-shaped model; the kernel microbenchmark. The whole script stays within TOTAL_S
+# eager ones); CUDA graphs against eager rounds (bench/bench_cuda_graphs.py); the packed
+# grouped-query attention against transformers' sdpa (bench/bench_attention.py); per-step costs of
+# a LLaMA-3-8B-shaped model; the kernel microbenchmark. The whole script stays within TOTAL_S
 # (470 s: under 8 minutes even if the last step needs its 10 s kill grace): every step runs under
 # `timeout` with at most what is left of the budget, a failed step does not stop the later ones,
 # and $OUT/summary.txt records each step's status, time and notes.
 #
 # Without a GPU (bench/emulate_gpu_image.sh proves the script on an emulated image) the CUDA tests
 # are collected and skipped, the decoder tests run on the CPU (CLASP_CUDA_TESTS_ON_CPU=1), and the
-# two benchmarks run small CPU stand-ins, so every step still exercises its code.
+# benchmarks run small CPU stand-ins, so every step still exercises its code.
 #
 # Settings (environment): PYTHON (interpreter; default python), OUT, TOTAL_S, MAX_JOBS (parallel
 # compiles; default nproc), TORCH_CUDA_ARCH_LIST (default: the GPU's, else 9.0), CUDA_HOME
@@ -33,8 +34,9 @@
 # setup and link, cap 240 (one at a time, as torch does without ninja, it would be ~7 minutes).
 # Probes, versions, deps and info ~15; CUDA op tests ~60 (their CPU twins take 30 s there);
 # decoder tests ~30 (19 s on that CPU); CUDA graphs ~40 (random 1B init, 3 batch sizes x 4 runs
-# x 2 modes of 64 tokens per row); step costs ~45 (random 8B init on the GPU, then timings):
-# ~240 s, which leaves the microbenchmark ~225 s (it stops starting torch.compile runs 100 s
+# x 2 modes of 64 tokens per row); packed attention ~20 (random 1B init, 18 shapes x 10
+# forwards); step costs ~45 (random 8B init on the GPU, then timings):
+# ~260 s, which leaves the microbenchmark ~205 s (it stops starting torch.compile runs 100 s
 # before its limit, so the remaining cases still get their clasp and eager timings).
 set -euo pipefail
 
@@ -347,6 +349,21 @@ cuda_graphs() {
   fi
 }
 
+# The packed grouped-query sdpa (clasp_ext/decoding/attention.py) against transformers' sdpa, which
+# copies K/V per query head under a mask: one ragged forward of random LLaMA-3.2-1B-shaped weights
+# (32 query heads on 8 K/V heads), interleaved, at long batch caches.
+attention_bench() {
+  if ((HAS_GPU)); then
+    "$PYTHON" bench/bench_attention.py --random-shape llama3.2-1b --device cuda \
+      --batch-sizes 1 8 32 --tokens 1 2 8 --contexts 1024 4096 --repeats 5 --out "$OUT/attention"
+  else
+    note "no CUDA device: tiny-llama on the CPU"
+    "$PYTHON" bench/bench_attention.py --random-shape tiny-llama --dtype float32 \
+      --batch-sizes 1 3 --tokens 1 3 --contexts 64 --repeats 2 --threads "$MAX_JOBS" \
+      --out "$OUT/attention-cpu-tiny"
+  fi
+}
+
 # torch.compile of the references is the slow part: stop starting compiles 100 s before the
 # step's limit so the remaining cases still get their clasp and eager timings.
 bench() {
@@ -374,7 +391,7 @@ print(re.sub(r"[^a-z0-9]+", "_", env["device_name"].lower()).strip("_"))' "$OUT/
 }
 
 export -f versions deps build_inplace build run_pytest tests_cuda_ops decoding_cuda cuda_graphs \
-  step_costs bench copy_results note
+  attention_bench step_costs bench copy_results note
 export PYTHON OUT MAX_JOBS HAS_GPU CUDA_HOME CLASP_BUILD_CUDA TORCH_CUDA_ARCH_LIST TORCH_IS_CUDA \
   CUDA_MARK
 
@@ -386,6 +403,7 @@ step info             30 200 "$PYTHON" -m clasp_ext.info
 step tests_cuda_ops  150 150 tests_cuda_ops
 step decoding_cuda   150 160 decoding_cuda
 step cuda_graphs      90 100 cuda_graphs
+step attention_bench  40  80 attention_bench
 step step_costs      120  60 step_costs
 step bench           600   5 bench
 if ((HAS_GPU)); then

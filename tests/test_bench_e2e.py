@@ -143,3 +143,20 @@ def test_cuda_graphs_script_runs(tmp_path):
         assert r["eager"]["tokens_per_s"] > 0 and r["graphs"]["tokens_per_s"] > 0
     assert data["environment"]["capture"] is False
     assert "| 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_attention_script_runs(tmp_path):
+    """bench_attention.py (gpu_check's attention step) on the CPU: every shape timed with both
+    attention functions, the table written."""
+    import bench_attention
+
+    out = tmp_path / "attention"
+    argv = ["--random-shape", "tiny-llama", "--dtype", "float32", "--batch-sizes", "1", "3"]
+    argv += ["--tokens", "1", "3", "--contexts", "16", "--repeats", "2", "--threads", "1"]
+    bench_attention.main(argv + ["--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    shapes = [(r["batch"], r["tokens"], r["context"]) for r in data["results"]]
+    assert shapes == [(1, 1, 16), (1, 3, 16), (3, 1, 16), (3, 3, 16)]
+    assert all(r["packed_s"] > 0 and r["sdpa_s"] > 0 for r in data["results"])
+    assert data["environment"]["model"] == "random tiny-llama"
+    assert "| 3 | 3 | 16 |" in out.with_suffix(".md").read_text()

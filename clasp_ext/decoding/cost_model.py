@@ -8,9 +8,9 @@ not assumptions. They are taken once per setup with ``ModelAdapter.forward`` (th
 runs) on a scratch cache whose first ``context`` slots stand for a realistic context (their
 contents do not change the cost, so nothing is prefilled), and cached in memory and on disk
 (``$CLASP_CACHE/cost_tables/<key>.json``, default ``~/.cache/clasp_ext``; or the folder
-``$CLASP_COST_TABLES``), keyed by everything
-that changes the timings: model shape, dtype, device and its name, attention implementation,
-torch threads, skip count, draft vocabulary, draft weights, torch version.
+``$CLASP_COST_TABLES``), keyed by everything that changes the timings: model shape, dtype, device
+and its name, attention implementation (the model's and the one the decoding forwards run), torch
+threads, skip count, draft vocabulary, draft weights, torch version.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def setup_of(
         device=adapter.device.type,
         device_name=device_name(adapter.device),
         attn_implementation=adapter.attn_implementation,
+        # what the decoding forwards run (attention.py's packed sdpa, or the model's own)
+        forward_attention=adapter.forward_attn_implementation,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         num_skip=int(num_skip),
