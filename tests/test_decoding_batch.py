@@ -493,6 +493,61 @@ def test_batch_policy_scales_the_table_by_measured_round_times():
     assert dec._choose(2, caps, looked) == (PLAIN, 0)
 
 
+def test_batch_draft_steps_run_while_any_row_goes_on():
+    """The batched draft's expected steps: position i runs while some row goes on (a row stops at
+    its first unsure token, and never drafts past its cap)."""
+    from clasp_ext.decoding.policy import (
+        CONTINUE_PRIOR,
+        LAYER_SKIP,
+        PRIORS,
+        Source,
+        batch_draft_steps,
+    )
+
+    goes_on, stops = Source(PRIORS[LAYER_SKIP], stops=True), Source(PRIORS[LAYER_SKIP], stops=True)
+    goes_on.cont.p, stops.cont.p = [1.0], [0.0]
+    k = 5
+    e_on, e_stop = goes_on.expected(k), stops.expected(k)
+    assert batch_draft_steps([e_on, e_stop], [k, k], k) == pytest.approx(k)
+    assert batch_draft_steps([e_stop, e_stop], [k, k], k) == pytest.approx(1.0)
+    assert batch_draft_steps([e_on, e_stop], [2, k], k) == pytest.approx(2.0)  # the cap
+    half = Source(PRIORS[LAYER_SKIP], stops=True)
+    half.cont.p = [0.5]
+    e = half.expected(3)  # two rows, each on with 1, 0.5, 0.25: 1 + 0.75 + 0.4375
+    assert batch_draft_steps([e, e], [3, 3], 3) == pytest.approx(2.1875)
+    assert CONTINUE_PRIOR[0] < 1.0
+    no_stop = Source(PRIORS[LAYER_SKIP], stops=False).expected(4)  # no exit threshold: all k
+    assert batch_draft_steps([no_stop] * 3, [4] * 3, 4) == pytest.approx(4.0)
+
+
+@torch.no_grad()
+def test_batch_rows_keep_their_own_acceptance_estimates():
+    """Each row starts from the batch's pooled estimates when it joins and then learns from its
+    own rounds only; the round's choice sums the rows' own expectations, so a row whose drafts
+    fail no longer counts as if it accepted what the others do."""
+    from clasp_ext.decoding.policy import LAYER_SKIP, PLAIN
+
+    model = tiny_model("llama", layers=6, seed=9)
+    # one draft token: pays if both rows accept it (2 x 1.8 tokens for 1.5 steps), not if one
+    # row never does (1.8 + 1.0 = 2.8 tokens < 1.5 x 2 x BATCH_MIN_GAIN)
+    table = CostTable({1: 1.0, 2: 1.5, 32: 60.0}, 1e-6, 0.0)
+    dec = BatchDecoder(
+        model, max_batch=2, num_skip_layers=2, max_draft=1, cost_tables={1: table, 2: table}
+    )
+    for p in prompts_for(7, 2):
+        dec.add(torch.tensor(p))
+    dec._admit()
+    a, b = dec.rows
+    assert a.sources is not b.sources and a.sources is not dec.policy.sources
+    assert a.sources[LAYER_SKIP].accept.p == dec.policy.sources[LAYER_SKIP].accept.p
+    dec.skip = [True, True] + [False] * 4
+    caps, looked = [6, 6], [([], 0), ([], 0)]
+    assert dec._choose(2, caps, looked, [a.sources, b.sources]) == (LAYER_SKIP, 1)
+    b.sources[LAYER_SKIP].accept.p = [0.0]  # row b's drafts fail
+    assert dec._choose(2, caps, looked, [a.sources, b.sources]) == (PLAIN, 0)
+    assert dec._choose(2, caps, looked) == (LAYER_SKIP, 1)  # pooled: still the prior for both
+
+
 def test_batch_margin_is_wider_than_batch_one():
     """A draft that promises 6% more than a plain step runs at batch 1 (MIN_GAIN) but not at
     batch 2 (BATCH_MIN_GAIN): drafting at break-even lost 5-13% to model.generate in batches."""

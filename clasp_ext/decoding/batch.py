@@ -21,7 +21,8 @@ A round, for B live rows at their own lengths n_b:
 With policy="cost" the round's kind and k maximise the expected tokens per second summed over
 the rows, from the cost model at the live batch size (``cost_model`` measured with B rows: at
 batch 8, verifying 17 tokens per row costs 5.1 plain steps on the bf16 CPU where it costs 1.5 at
-batch 1) and acceptance estimates pooled over the rows (policy.py); policy="fixed" drafts
+batch 1) and each row's own acceptance estimates (a copy of the batch's pooled ones when it
+joins, then its own rounds; policy.py); policy="fixed" drafts
 ``max_draft`` layer-skip tokens every round. Either way a layer-skip draft stops early when no
 row's draft is sure (its top-1 probability below ``draft_exit_threshold``, or an EOS), as the
 batch-1 loop stops its own. The skip set is shared by the rows: each sequence runs the DP on its
@@ -73,7 +74,9 @@ from clasp_ext.decoding.policy import (
     MIN_GAIN,
     PLAIN,
     CostPolicy,
+    batch_draft_steps,
     lookup_source,
+    observe_sources,
 )
 
 DEFAULT_SERVING_CACHE_LEN = 2048  # slots per row when BatchDecoder is not told max_cache_len
@@ -147,6 +150,7 @@ class _Sequence:
         self.lookup.reset(self.tokens)
         self.stats = ClaspStats()
         self.skip: list[bool] | None = None  # its DP's mask (None: no DP ran)
+        self.sources = None  # policy="cost": its acceptance estimates per draft source
         self.finished = False
 
     @property
@@ -472,18 +476,21 @@ class BatchDecoder:
             if seq.finished:
                 done.append(self._result(seq))
             else:
+                if self.policy is not None:  # what the batch has learned so far, then its own
+                    seq.sources = self.policy.row_sources()
                 self.rows.append(seq)
                 changed = True
         if changed:
             self._set_skip()
         return done
 
-    def _choose(self, B: int, caps: list[int], looked: list[tuple[list[int], int]]):
+    def _choose(self, B: int, caps: list[int], looked: list[tuple[list[int], int]], sources=None):
         """The round: (PLAIN, 0), (LAYER_SKIP, k): k draft steps for every row, a row with a
         context match taking its tokens first, or (LOOKUP, k): each row proposes up to k tokens
         of its match (rows without one none), no draft forward. With policy="cost" the one with
         the most expected tokens per second summed over the rows, from the table at batch size
-        B and the acceptance seen so far; with "fixed", layer skip up to max_draft."""
+        B and the acceptance each row has seen (``sources``: its estimates per draft source;
+        None: the pooled ones for every row); with "fixed", layer skip up to max_draft."""
         c = self.config
         k_ls = min(c.max_draft, max(caps)) if c.num_skip_layers > 0 and any(self.skip) else 0
         lens = [len(t) for t, _ in looked]
@@ -496,17 +503,21 @@ class BatchDecoder:
         seconds = pol.cost  # the table's time, scaled as this decoder's rounds measured
         gain = MIN_GAIN if B == 1 else BATCH_MIN_GAIN
         best, choice = B / seconds(PLAIN, 0) * gain, (PLAIN, 0)
+        srcs = sources or [pol.sources] * len(caps)
         if k_ls > 0:
-            # (E emitted, E drafted) per row for drafts of at most k; the draft goes on while
-            # any row's is sure, so its continuation estimate is the batch's
-            e = pol.sources[LAYER_SKIP].expected(k_ls)
+            # (E emitted, E drafted) per row, from its own estimates, for drafts of at most k;
+            # the draft runs while any row goes on
+            es = [src[LAYER_SKIP].expected(k_ls) for src in srcs]
             for k in range(1, k_ls + 1):  # a row near its end drafts only up to its cap
-                emitted = sum(e[min(k, cap)][0] for cap in caps)
-                rate = emitted / seconds(LAYER_SKIP, e[k][1])
+                emitted = sum(e[min(k, cap)][0] for e, cap in zip(es, caps, strict=True))
+                rate = emitted / seconds(LAYER_SKIP, batch_draft_steps(es, caps, k))
                 if rate > best:
                     best, choice = rate, (LAYER_SKIP, k)
         if any(lens):
-            per_row = [pol.sources[lookup_source(n)].expected(len(t)) for t, n in looked]
+            per_row = [
+                src[lookup_source(n)].expected(len(t))
+                for src, (t, n) in zip(srcs, looked, strict=True)
+            ]
             for k in range(1, max(lens) + 1):
                 emitted = sum(e[min(k, len(e) - 1)][0] for e in per_row)
                 rate = emitted / seconds(LOOKUP, k)
@@ -613,7 +624,8 @@ class BatchDecoder:
             s.lookup.match(min(c.max_lookup, cap), min_ngram) if c.lookup_ngram else ([], 0)
             for s, cap in zip(rows, caps, strict=True)
         ]
-        kind, k = self._choose(B, caps, looked)
+        sources = [s.sources for s in rows] if self.policy is not None else None
+        kind, k = self._choose(B, caps, looked, sources)
         contexts = [self._context(s) for s in rows] if self._processing else None
         steps0 = self.stats.draft_steps
         q = None
@@ -668,7 +680,7 @@ class BatchDecoder:
             st.plain_rounds += kind == PLAIN or num[b] == 0
             st.lookup_rounds += kind == LOOKUP and num[b] > 0
             st.layer_skip_rounds += kind == LAYER_SKIP and num[b] > 0
-            outcomes += self._outcomes(
+            row_outcomes = self._outcomes(
                 kind,
                 looked[b],
                 prefix[b] if kind == LAYER_SKIP else None,
@@ -676,6 +688,9 @@ class BatchDecoder:
                 acc,
                 allowed[b],
             )
+            outcomes += row_outcomes
+            if seq.sources is not None:
+                observe_sources(seq.sources, row_outcomes)
             emitted = self._commit(seq, [int(x) for x in host[b][1 : acc + 2]])
             st.round_tokens += len(emitted)
             pending.append((seq, emitted))

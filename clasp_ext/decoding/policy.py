@@ -15,6 +15,7 @@ emitted, so output is unchanged.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 PLAIN, LAYER_SKIP = "plain", "layer_skip"
@@ -273,11 +274,37 @@ class CostPolicy:
     def observe_rows(self, outcomes: list[tuple[str, int, int, int]]) -> None:
         """One round's outcomes, one (kind, drafted, accepted, k_max) per sequence (a batch):
         each observed source learns from each; the sources no row drew from relax once."""
-        seen = set()
-        for kind, drafted, accepted, k_max in outcomes:
-            if kind in self.sources and drafted > 0:
-                self.sources[kind].observe(drafted, accepted, k_max)
-                seen.add(kind)
-        for source, est in self.sources.items():
-            if source not in seen:
-                est.relax()
+        observe_sources(self.sources, outcomes)
+
+    def row_sources(self) -> dict[str, Source]:
+        """A copy of the pooled estimates for one sequence of a batch, which then learns from
+        that sequence's rounds only (``observe_sources``): pooled over the rows, the estimates
+        weigh a row whose drafts run long over one whose drafts fail at once."""
+        return copy.deepcopy(self.sources)
+
+
+def observe_sources(sources: dict[str, Source], outcomes: list[tuple[str, int, int, int]]):
+    """``outcomes`` (kind, drafted, accepted, k_max) into ``sources``; the sources not drawn from
+    relax once."""
+    seen = set()
+    for kind, drafted, accepted, k_max in outcomes:
+        if kind in sources and drafted > 0:
+            sources[kind].observe(drafted, accepted, k_max)
+            seen.add(kind)
+    for source, est in sources.items():
+        if source not in seen:
+            est.relax()
+
+
+def batch_draft_steps(expected: list[list[tuple[float, float]]], caps: list[int], k: int) -> float:
+    """Expected draft steps of a batch's layer-skip draft of at most k tokens: position i is
+    drafted while any row goes on (rows independent), row b at position i with the probability
+    its (E emitted, E drafted) table ``expected[b]`` implies, and never past its ``caps[b]``."""
+    steps = 0.0
+    for i in range(k):
+        none = 1.0
+        for e, cap in zip(expected, caps, strict=True):
+            if i < cap:
+                none *= 1.0 - (e[i + 1][1] - e[i][1])
+        steps += 1.0 - none
+    return steps
