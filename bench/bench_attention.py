@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_e2e import machine_description  # noqa: E402
-from bench_step_costs import SHAPES, random_model  # noqa: E402
+from bench_step_costs import add_model_arguments, load_model  # noqa: E402
 
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding.adapter import ModelAdapter  # noqa: E402
@@ -32,10 +32,7 @@ from clasp_ext.timing import median_time  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", choices=sorted(models.MODELS), help="a named real model")
-    src.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(models.DTYPES))
+    add_model_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5, 17])
@@ -46,12 +43,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev, dtype = torch.device(args.device), models.DTYPES[args.dtype]
-    if args.model:
-        model, _ = models.load(args.model, dtype)
-        model = model.to(dev)
-    else:
-        torch.manual_seed(0)
-        model = random_model(args.random_shape, dtype, dev)
+    model = load_model(args, dev)
     name = args.model or f"random {args.random_shape}"
     a = ModelAdapter(model)
     if a.masked_attn_implementation != PACKED_GQA_SDPA:

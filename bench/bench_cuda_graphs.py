@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_e2e import machine_description  # noqa: E402
-from bench_step_costs import SHAPES, random_model  # noqa: E402
+from bench_step_costs import add_model_arguments, load_model  # noqa: E402
 
-from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding import BatchDecoder  # noqa: E402
 from clasp_ext.timing import median_time  # noqa: E402
 
@@ -64,10 +63,7 @@ def run_once(dec: BatchDecoder, prompts: list[list[int]], new_tokens: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", choices=sorted(models.MODELS), help="a named real model")
-    src.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(models.DTYPES))
+    add_model_arguments(p)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--new-tokens", type=int, default=64)
@@ -79,13 +75,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    dtype = models.DTYPES[args.dtype]
-    if args.model:
-        model, _ = models.load(args.model, dtype)
-        model = model.to(dev)
-    else:
-        torch.manual_seed(0)
-        model = random_model(args.random_shape, dtype, dev)
+    model = load_model(args, dev)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     results = []

@@ -80,6 +80,24 @@ def random_model(shape: str, dtype, device):
     return model
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmarks' model: ``--model`` (a named real model or a model folder) or
+    ``--random-shape`` (random weights of one of SHAPES), and ``--dtype``."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a known model name or a model folder")
+    src.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(models.DTYPES))
+
+
+def load_model(args, device):
+    """The model ``add_model_arguments`` names, on ``device`` (random weights seeded with 0)."""
+    dtype = models.DTYPES[args.dtype]
+    if args.model:
+        return models.load(args.model, dtype=dtype, device=device)[0]
+    torch.manual_seed(0)
+    return random_model(args.random_shape, dtype, device)
+
+
 def timer(device: torch.device, fn, repeats: int) -> float:
     """Median seconds of ``fn`` after two warm-up calls (clasp_ext.timing)."""
     return median_time(fn, device, repeats, warmup=2)
@@ -219,10 +237,7 @@ def markdown(costs: dict, meta: dict, projections: list[dict]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a known model name or a model folder")
-    src.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(models.DTYPES))
+    add_model_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--context", type=int, default=256)
@@ -235,13 +250,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    dtype = models.DTYPES[args.dtype]
-    if args.model:
-        model, _ = models.load(args.model, dtype=dtype, device=args.device)
-        name = args.model
-    else:
-        model = random_model(args.random_shape, dtype, args.device)
-        name = f"{args.random_shape} (random weights)"
+    model = load_model(args, args.device)
+    name = args.model or f"{args.random_shape} (random weights)"
     L = model.config.num_hidden_layers
     if args.skip is None:
         args.skip = sorted({0, round(0.25 * L), round(0.375 * L), round(0.5 * L)})
