@@ -525,11 +525,11 @@ class ModelAdapter:
         attention has no mask argument: it only knows causal (bottom-right) + sliding window +
         padding, and the DP's layout (candidates that see neither each other nor cache slot p,
         the full model's own entry for the token they stand for) is none of these. So for the DP's
-        call only, the attention modules are switched to sdpa (same weights, same cache, same
-        math) by the field transformers dispatches on, ``config._attn_implementation``, which the
-        attention modules read on every call; it is restored on exit, also on error. The switch is
-        visible to anything else running this model concurrently (another thread), as any
-        ``set_attn_implementation`` would be."""
+        call only, the attention modules are switched to the packed sdpa (same weights, same
+        cache, same math) by the field transformers dispatches on,
+        ``config._attn_implementation``, which the attention modules read on every call; it is
+        restored on exit, also on error. The switch is visible to anything else running this model
+        concurrently (another thread), as any ``set_attn_implementation`` would be."""
         with self._attention(self.masked_attn_implementation):
             yield
 
@@ -578,12 +578,13 @@ class ModelAdapter:
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
         cache = self.new_cache(4)
 
-        def run(name):
-            h, pos_ids, pe, masks = self.forward_inputs(ids, 0, None)
-            cache.set_write(0, None)
-            with self._attention(name):
-                for i in range(self.num_layers):
-                    h = self.run_layer(i, h, pos_ids, pe, masks, cache)
+        def run(name):  # the one-sequence forward, its layers dispatching to ``name``
+            saved = self.forward_attn_implementation
+            self.forward_attn_implementation = name
+            try:
+                self.forward(ids, 0, cache)
+            finally:
+                self.forward_attn_implementation = saved
 
         try:
             return attention.packed_calls(run) == self.num_layers

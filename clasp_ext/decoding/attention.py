@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 # the name the attention modules dispatch on (config._attn_implementation); no "flash" in it,
 # which some modeling code tests for
 PACKED_GQA_SDPA = "clasp_packed_gqa_sdpa"
+_PROBE = "clasp_packed_gqa_probe"  # packed_calls' counting wrapper
 
 
 def packed_gqa_sdpa(
@@ -100,6 +101,3 @@ def packed_calls(run) -> int:
     AttentionInterface.register(_PROBE, probe)
     run(_PROBE)
     return calls[0]
-
-
-_PROBE = "clasp_packed_gqa_probe"
