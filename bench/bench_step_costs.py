@@ -118,9 +118,10 @@ def measure(model, args) -> dict:
         max_draft=1,
     )
     dec.prefill(prompt)
-    a, cache, n = dec.adapter, dec.cache, dec.cache.committed
+    # the sequence's view of the loop's cache, its length, and the token the next round feeds
+    a, cache, n = dec.adapter, dec.loop.cache.row(0), dec.committed
     L = a.num_layers
-    tok = dec._t0_dev
+    tok = dec.loop._last[:1].clone()
     res = dict(num_layers=L, context=args.context, vocab=V, ar={}, draft={}, verify={}, dp={})
 
     hf_cache = DynamicCache(config=model.config)
@@ -157,8 +158,9 @@ def measure(model, args) -> dict:
             )
     for T in args.verify_tokens:
         inp = tok.repeat(1, T)
-        res["verify"][T] = timer(dev, lambda inp=inp: dec._full_forward(inp, n), args.repeats)
-    cache.rollback(n)
+        res["verify"][T] = timer(
+            dev, lambda inp=inp: a.head(a.forward(inp, n, cache)[0]), args.repeats
+        )
     return res
 
 

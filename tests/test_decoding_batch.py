@@ -389,7 +389,7 @@ def test_batch_policy_follows_the_cost_table():
 @torch.no_grad()
 def test_batch_drafts_stop_at_the_exit_threshold():
     """policy="cost" in batches: a layer-skip draft stops once no row's draft token is sure
-    (draft_exit_threshold), as the batch-1 loop's does, and the policy learns how far drafts go.
+    (draft_exit_threshold), and the policy learns how far drafts go.
     A threshold no draft reaches: one draft step per layer-skip round; none: longer drafts."""
     from clasp_ext.decoding.policy import CONTINUE_PRIOR, LAYER_SKIP
 
@@ -630,3 +630,97 @@ def test_max_lookup_and_unsupported_batching(monkeypatch):
     assert ClaspDecoder(other, max_new_tokens=2).generate(
         torch.tensor([[5, 6]])
     ).sequences.shape == (1, 4)
+
+
+def rows_decoder(model, prompts, max_new: int, **kw) -> BatchDecoder:
+    """A BatchDecoder with a row per prompt, each queued: policy "fixed" unless ``kw`` says
+    otherwise (with "cost", the FLAT tables), drafts of up to 3 tokens, no EOS."""
+    kw = {"policy": "fixed", "max_draft": 3, **kw}
+    if kw["policy"] == "cost":
+        kw.setdefault("cost_tables", FLAT)
+    dec = BatchDecoder(
+        model,
+        max_batch=len(prompts),
+        max_new_tokens=max_new,
+        eos_token_id=[],
+        max_cache_len=96,
+        **kw,
+    )
+    for p in prompts:
+        dec.add(torch.tensor(p))
+    return dec
+
+
+@pytest.mark.parametrize("strategy", ["dp", "importance"])
+@torch.no_grad()
+def test_batch_rows_search_again_every_update_interval(strategy):
+    """skip_strategy "dp" / "importance" in batches: each row searches at join and again after
+    every update_interval rounds (policy="fixed": every round ages its mask), on its own row;
+    rows stay lossless and the batch's set follows the rows' new masks."""
+    model = tiny_model("llama", layers=6, seed=4)
+    prompts = prompts_for(11, 3)
+    dec = rows_decoder(
+        model, prompts, 20, num_skip_layers=2, skip_strategy=strategy, update_interval=2
+    )
+    done = dec.run()
+    for f, p in zip(done, prompts, strict=True):
+        assert_lossless(model, f.tokens, hf_alone(model, p, 20), len(p))
+        s = f.stats
+        # at join, then after every second round but the one that finished it
+        assert s.dp_runs == 1 + (s.rounds - 1) // 2
+        assert len(s.importance) == 6 and len(s.skip_layers) == 2
+    assert dec.stats.dp_runs == sum(f.stats.dp_runs for f in done)
+    assert dec.stats.time_dp > 0
+
+
+@torch.no_grad()
+def test_batch_first_search_on_the_first_output_token():
+    """first_dp="first_round" in batches: a row searches after its first round (no skip set
+    before: a lone row's first round is a plain step), then drafts with its set."""
+    model = tiny_model("qwen2", layers=6, seed=2)
+    prompts = prompts_for(3, 2)
+    dec = rows_decoder(
+        model, prompts, 16, num_skip_layers=2, lookup_ngram=0, first_dp="first_round"
+    )
+    dec.step()  # both join without a set, and round 1 is plain
+    assert dec.stats.plain_rounds == 1 and dec.stats.dp_runs == 2 and sum(dec.skip) == 2
+    done = dec.run()
+    for f, p in zip(done, prompts, strict=True):
+        assert_lossless(model, f.tokens, hf_alone(model, p, 16), len(p))
+        assert f.stats.dp_runs == 1 and f.stats.layer_skip_rounds > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@torch.no_grad()
+def test_batch_keeps_the_full_models_logits_per_token(temperature):
+    """keep_logits: row b's token_logits[i] is the full model's raw logits for the position
+    before its i-th new token (what output_scores reports), whatever the rows around it."""
+    model = tiny_model("mistral", layers=4, seed=5)
+    prompts = prompts_for(13, 3)
+    dec = rows_decoder(
+        model, prompts, 10, policy="cost", temperature=temperature, seed=1, keep_logits=True
+    )
+    for f in dec.run():
+        assert len(f.token_logits) == len(f.new_tokens) == 10
+        want = model(torch.tensor([f.tokens])).logits[0, f.prompt_len - 1 : -1].float()
+        torch.testing.assert_close(torch.stack(f.token_logits), want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_claspdecoder_is_the_batched_loop_with_one_row():
+    """ClaspDecoder runs BatchDecoder with one row: same tokens, rounds, drafts and acceptance
+    as a one-row BatchDecoder on the same prompt and settings."""
+    from clasp_ext.decoding import ClaspDecoder
+
+    model = tiny_model("gemma3", layers=6, window=8, seed=6)
+    prompt = prompts_for(17, 1)[0]
+    kw = dict(max_new_tokens=24, eos_token_id=[], num_skip_layers=2, max_draft=4)
+    out = ClaspDecoder(model, cost_table=FLAT[1], **kw).generate(torch.tensor([prompt]))
+    dec = BatchDecoder(model, max_batch=1, cost_tables=FLAT, max_cache_len=96, **kw)
+    dec.add(torch.tensor(prompt))
+    (f,) = dec.run()
+    assert out.sequences[0].tolist() == f.tokens
+    a, b = out.stats, f.stats
+    for name in ("rounds", "drafted", "accepted", "lookup_rounds", "layer_skip_rounds"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.layer_skip_rounds > 0 and a.lookup_rounds > 0  # both draft kinds ran

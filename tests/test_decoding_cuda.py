@@ -235,15 +235,16 @@ def test_cuda_graph_rows_equal_eager(family, dtype):
 
 
 @torch.no_grad()
-def test_cuda_graphs_through_generate():
-    """clasp_ext.generate(..., cuda_graphs=True) at batch 1 runs the batched loop on graphs and
-    equals model.generate (fp32)."""
+def test_cuda_graphs_for_one_sequence():
+    """ClaspDecoder (what clasp_ext.generate runs for one sequence) with cuda_graphs=True runs its
+    rounds on graphs and equals model.generate (fp32)."""
     if ON_CPU:
         pytest.skip("cuda_graphs=True needs a CUDA device")
     model = tiny_model("qwen2", layers=6, window=8, seed=3).to(DEVICE)
     ids = prompt(torch.Generator().manual_seed(23), repeat=True)
-    out = generate(model, ids, max_new_tokens=24, eos_token_id=[], cuda_graphs=True)
-    assert out.stats.graphs_captured > 0
+    dec = ClaspDecoder(model, max_new_tokens=24, eos_token_id=[], cuda_graphs=True)
+    out = dec.generate(ids)
+    assert dec.loop.stats.graphs_captured > 0
     assert_lossless(model, out.sequences[0].tolist(), hf_greedy(model, ids, 24), ids.shape[1])
 
 

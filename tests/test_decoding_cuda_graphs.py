@@ -146,7 +146,7 @@ def test_cuda_graphs_refused_where_they_cannot_run():
         BatchDecoder(model, cuda_graphs=True)
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         generate(model, torch.tensor([[5, 6, 7]]), cuda_graphs=True, max_new_tokens=2)
-    with pytest.raises(ValueError, match="runs in the batched loop"):
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         ClaspDecoder(model, cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
         BatchDecoder(model, ClaspConfig(cuda_graphs=1))

@@ -19,25 +19,29 @@ A round, for B live rows at their own lengths n_b:
 - commit: each row's emitted tokens, its EOS, length limit and stopping criteria, its callback.
 
 With policy="cost" the round's kind and k maximise the expected tokens per second summed over
-the rows, from the cost model at the live batch size (``cost_model`` measured with B rows: at
-batch 8, verifying 17 tokens per row costs 5.1 plain steps on the bf16 CPU where it costs 1.5 at
-batch 1) and each row's own acceptance estimates (a copy of the batch's pooled ones when it
-joins, then its own rounds; policy.py); policy="fixed" drafts
-``max_draft`` layer-skip tokens every round. Either way a layer-skip draft stops early when no
-row's draft is sure (its top-1 probability below ``draft_exit_threshold``, or an EOS), as the
-batch-1 loop stops its own. The skip set is shared by the rows: each sequence runs the DP on its
-last prompt token when it joins (on its own row), and the set skips the M layers most of the live
-rows' DPs skip (ties to the lower layer).
+the rows (``CostPolicy.choose_rows``), from the cost model at the live batch size (``cost_model``
+measured with B rows: at batch 8, verifying 17 tokens per row costs 5.1 plain steps on the bf16
+CPU where it costs 1.5 at batch 1) and each row's own acceptance estimates (a copy of the batch's
+pooled ones when it joins, then its own rounds; policy.py); policy="fixed" drafts the rows'
+matches where every row has one, else ``max_draft`` layer-skip tokens. Either way a layer-skip
+draft stops early when no row's draft is sure (its top-1 probability below
+``draft_exit_threshold``, or an EOS). The skip set is shared by the rows: each sequence searches
+its own (skip_strategy "dp", "static", "importance": the DP of SPEC section 2, on its own row) on
+its last prompt token when it joins (with first_dp="first_round", on its first output token),
+"dp" and "importance" again every ``update_interval`` rounds that aged it, and the set skips the
+M layers most of the live rows' masks skip (``batch_skip_rule``; ties to the lower layer).
 
-Lossless per row, as at batch 1: every emitted token is the verify op's verdict on the full
-model's logits for that row; the other rows only share the forward. Sampling draws each row's
-randomness from its own generator (``add(seed=...)``): its tokens follow the full model's
-distribution whoever else is in the batch (how many draws a round takes depends on the round's
-shared draft length, so the same seed in another batch can give other, equally distributed,
-tokens). Batch size 1 callers get ``ClaspDecoder`` (loop.py), which also has streamers, output
-scores and skip-set DP re-runs (``skip_strategy="dp"``); this loop has callbacks and, like it,
-logits processors (``logits_processor``: applied per row, to that row's own tokens), the exit
-threshold and CUDA graphs (``cuda_graphs``). At one row the two run level (same rounds).
+Lossless per row: every emitted token is the verify op's verdict on the full model's logits for
+that row; the other rows only share the forward. Sampling draws each row's randomness from its
+own generator (``add(seed=...)``): its tokens follow the full model's distribution whoever else is
+in the batch (how many draws a round takes depends on the round's shared draft length, so the
+same seed in another batch can give other, equally distributed, tokens).
+
+This is the package's one decoding loop: ``ClaspDecoder`` (loop.py) is this decoder with one row
+and a streamer; one live row runs the one-sequence forward (an int position on its row of the
+cache). Per-request logits processors and stopping criteria, the exit threshold, low-bit drafts,
+the full model's logits behind each token (``keep_logits``) and CUDA graphs (``cuda_graphs``)
+work at any batch size.
 """
 
 from __future__ import annotations
@@ -56,9 +60,8 @@ from clasp_ext.decoding.cost_model import CostTable, get_cost_table
 from clasp_ext.decoding.cuda_graphs import GraphedSteps
 from clasp_ext.decoding.draft_head import DraftHead
 from clasp_ext.decoding.inputs import check_token_ids, unpadded_rows
-from clasp_ext.decoding.layer_search import random_skip_mask, searched_skip_mask
+from clasp_ext.decoding.layer_search import SEARCHED, random_skip_mask, searched_skip_mask
 from clasp_ext.decoding.lookup import LookupIndex
-from clasp_ext.decoding.loop import ClaspStats, _count
 from clasp_ext.decoding.low_bit import int8_draft_for
 from clasp_ext.decoding.phases import (
     accept,
@@ -68,42 +71,17 @@ from clasp_ext.decoding.phases import (
     first_token,
 )
 from clasp_ext.decoding.policy import (
-    BATCH_MIN_GAIN,
     LAYER_SKIP,
     LOOKUP,
-    MIN_GAIN,
     PLAIN,
+    SHORT_LOOKUP,
     CostPolicy,
-    batch_draft_steps,
     lookup_source,
     observe_sources,
 )
+from clasp_ext.decoding.stats import BatchStats, ClaspStats, count
 
 DEFAULT_SERVING_CACHE_LEN = 2048  # slots per row when BatchDecoder is not told max_cache_len
-
-
-@dataclass
-class BatchStats:
-    rounds: int = 0
-    row_rounds: int = 0  # sum over rounds of the live rows
-    new_tokens: int = 0
-    prefills: int = 0
-    dp_runs: int = 0
-    plain_rounds: int = 0
-    lookup_rounds: int = 0  # rounds where the rows proposed context matches only
-    layer_skip_rounds: int = 0
-    draft_steps: int = 0  # layer-skip draft forwards ([B, 1] each)
-    draft_lengths: dict = field(default_factory=dict)  # k -> rounds
-    batch_sizes: dict = field(default_factory=dict)  # B -> rounds
-    time_prefill: float = 0.0
-    time_draft: float = 0.0
-    time_verify: float = 0.0
-    time_total: float = 0.0
-    graphs_captured: int = 0  # CUDA graphs captured so far (cuda_graphs=True)
-
-    @property
-    def mean_batch(self) -> float:
-        return self.row_rounds / self.rounds if self.rounds else 0.0
 
 
 @dataclass
@@ -115,6 +93,8 @@ class Finished:
     tokens: list[int]
     prompt_len: int
     stats: ClaspStats
+    # keep_logits: the full model's raw float32 logits [V] behind each new token
+    token_logits: list[Tensor] = field(default_factory=list)
 
     @property
     def new_tokens(self) -> list[int]:
@@ -150,7 +130,10 @@ class _Sequence:
         self.lookup.reset(self.tokens)
         self.stats = ClaspStats()
         self.skip: list[bool] | None = None  # its DP's mask (None: no DP ran)
+        self.search_pending = False  # first_dp="first_round": its first search after round 1
+        self.rounds_since_dp = 0  # rounds that aged its mask since its last search
         self.sources = None  # policy="cost": its acceptance estimates per draft source
+        self.token_logits: list[Tensor] = []  # keep_logits: the full model's [V] per token
         self.finished = False
 
     @property
@@ -180,6 +163,7 @@ class BatchDecoder:
         callback=None,
         cost_tables: dict[int, CostTable] | None = None,
         logits_processor=None,
+        keep_logits: bool = False,
         **overrides,
     ):
         config = ClaspConfig.of(config, **overrides)
@@ -187,7 +171,8 @@ class BatchDecoder:
             raise ValueError(f"clasp_ext: max_batch must be an int >= 1, got {max_batch!r}")
         self.model = model
         self.adapter = a = ModelAdapter(model)
-        a.check_ragged()
+        if max_batch > 1:  # one row runs the one-sequence forward (_forward)
+            a.check_ragged()
         self.config = c = config.resolved(a.num_layers, getattr(model, "generation_config", None))
         self.device = a.device
         if c.cuda_graphs and self.device.type != "cuda":
@@ -200,16 +185,16 @@ class BatchDecoder:
         self.headroom = c.cache_headroom
         self.callback = callback
         self.logits_processor = logits_processor
+        self.keep_logits = keep_logits
         self.int8_draft = int8_draft_for(a, c.draft_weights, c.num_skip_layers)
         self.draft_head = DraftHead(a, c.draft_vocab_size, int8=self.int8_draft is not None)
         self.cost_tables: dict[int, CostTable] = dict(cost_tables or {})
-        self.policy = None
-        if c.policy == "cost":  # drafts stop where no row's is sure (draft_exit_threshold)
-            self.policy = CostPolicy(
-                self._measured(1),
-                exit_threshold=c.draft_exit_threshold > 0,
-                online_costs=c.online_costs,
-            )
+        self.policy = self.new_policy()
+        # with "cost", False where a layer-skip draft can never be chosen (not even at batch 1,
+        # where verifying is cheapest): then no row runs a skip-set search
+        self.layer_skip_ok = c.num_skip_layers > 0 and (
+            self.policy is None or self.policy.may_choose(LAYER_SKIP, c.max_draft)
+        )
         self.cache = a.new_cache(self.capacity, batch=max_batch)
         self._device_state()
         if self.policy is not None:
@@ -218,6 +203,7 @@ class BatchDecoder:
         self.queue: deque[_Sequence] = deque()
         self.skip = [False] * a.num_layers
         self.stats = BatchStats()
+        self._reads = 0  # device->host reads so far (_read)
         self._next_id = 0
         self._eos = set(c.eos_token_id)
         self._eos_ids = torch.tensor(sorted(self._eos), dtype=torch.long, device=self.device)
@@ -229,6 +215,8 @@ class BatchDecoder:
         for name, v in (("max_batch", max_batch), ("max_cache_len", max_cache_len)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"clasp_ext: {name} must be an int >= 1, got {v!r}")
+        if max_batch > 1:
+            self.adapter.check_ragged()
         self.max_batch, self.capacity = int(max_batch), int(max_cache_len)
         self.cache = None  # free the old buffers first
         self.cache = self.adapter.new_cache(self.capacity, batch=self.max_batch)
@@ -244,9 +232,22 @@ class BatchDecoder:
         per round: the per-row draft counts and looked-up tokens, decided on the host)."""
         self._lens = torch.zeros(self.max_batch, dtype=torch.int32, device=self.device)
         self._last = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
+        self._row0 = self.cache.row(0)  # one live row's forward runs on its view (_forward)
         # the rounds' forward on this cache: the adapter's, or (cuda_graphs) the same replayed
         # from CUDA graphs over static buffers
         self.graphs = self.graphed_steps() if self.config.cuda_graphs else None
+
+    def new_policy(self) -> CostPolicy | None:
+        """A round policy with fresh acceptance estimates (policy="cost"; None with "fixed").
+        Layer-skip drafts stop where no row's is sure (draft_exit_threshold); with
+        skip_strategy="dp" a layer-skip round pays each row's share of its DP re-runs
+        (dp_s / update_interval, the DP timed on one row)."""
+        c = self.config
+        if c.policy != "cost":
+            return None
+        table = self._measured(1)
+        dp = table.dp_s / c.update_interval if c.skip_strategy == "dp" else 0.0
+        return CostPolicy(table, c.draft_exit_threshold > 0, dp, online_costs=c.online_costs)
 
     def graphed_steps(self, capture: bool = True) -> GraphedSteps:
         """The rounds' forward on static buffers over this decoder's cache, captured as CUDA
@@ -255,10 +256,28 @@ class BatchDecoder:
         tokens = self.config.max_round_draft + 1
         return GraphedSteps(self.adapter, self.cache, self.max_batch, tokens, capture)
 
-    def _forward(self, ids: Tensor, starts: Tensor, cache, skip=None, kv_len=None):
-        """A round's forward over the live rows (adapter.forward with per-row starts)."""
-        run = self.adapter.forward if self.graphs is None else self.graphs.forward
-        return run(ids, starts, cache, skip=skip, kv_len=kv_len)
+    def _one_row(self, B: int) -> bool:
+        """Whether a round of B rows runs the one-sequence forward: one row without CUDA graphs
+        (an int position on its row's view of the cache: no per-row masks to build, and
+        families whose ragged self-check failed decode one sequence)."""
+        return B == 1 and self.graphs is None
+
+    def _at(self, starts: Tensor, first: int, kv_len: int, j: int):
+        """(start, cache, kv_len) for a round's forward j tokens past the rows' first positions
+        (``starts`` on the device; ``first``, the one row's, on the host)."""
+        if self._one_row(starts.shape[0]):
+            return first + j, self._row0, None
+        return starts + j, self.cache, kv_len + j
+
+    def _forward(self, ids: Tensor, start, cache, skip=None, kv_len=None, keep_hidden=None):
+        """A round's forward over the live rows (adapter.forward, with per-row starts or one
+        row's int position, see ``_at``), replayed from CUDA graphs where captured (a forward
+        that keeps the hidden states for a skip-set search runs eagerly)."""
+        if self.graphs is None or keep_hidden or not isinstance(start, Tensor):
+            return self.adapter.forward(
+                ids, start, cache, skip=skip, kv_len=kv_len, keep_hidden=keep_hidden
+            )
+        return self.graphs.forward(ids, start, cache, skip=skip, kv_len=kv_len)
 
     # ------------------------------------------------------------------ requests
     def add(
@@ -282,13 +301,24 @@ class BatchDecoder:
             raise ValueError(
                 f"clasp_ext: add() takes one prompt, got batch size {ids.shape[0]}; add each row"
             )
-        return self._add(
+        seq = self._add(
             ids[0].tolist(), max_new_tokens, seed, callback, (), logits_processor, stopping_criteria
         )
+        return seq.id
 
     def _add(
-        self, prompt: list[int], max_new_tokens, seed, callback, pads=(), processor=None, stop=None
-    ) -> int:
+        self,
+        prompt: list[int],
+        max_new_tokens,
+        seed,
+        callback,
+        pads=(),
+        processor=None,
+        stop=None,
+        generator: torch.Generator | None = None,
+    ) -> _Sequence:
+        """Queues a request (``add``'s checks done); ``generator``: its randomness (ClaspDecoder
+        passes its own), else a new one from ``seed``."""
         c = self.config
         max_new = c.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new, int) or max_new < 0:
@@ -302,12 +332,14 @@ class BatchDecoder:
             )
         rid = self._next_id
         self._next_id += 1
-        gen = torch.Generator(device=self.device)
-        seed = seed if seed is not None else (None if c.seed is None else c.seed + rid)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
+        gen = generator
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            seed = seed if seed is not None else (None if c.seed is None else c.seed + rid)
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(seed)
         if callback is None and self.callback is not None:
             callback = lambda toks, _f=self.callback, _r=rid: _f(_r, toks)  # noqa: E731
         processor = processor if processor is not None else self.logits_processor
@@ -321,10 +353,9 @@ class BatchDecoder:
                 "clasp_ext: stopping_criteria must be callable (input_ids, scores) -> bool, e.g. "
                 f"a StoppingCriteriaList, got {type(stop).__name__}"
             )
-        self.queue.append(
-            _Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram, pads, processor, stop)
-        )
-        return rid
+        seq = _Sequence(rid, prompt, max_new, callback, gen, c.lookup_ngram, pads, processor, stop)
+        self.queue.append(seq)
+        return seq
 
     @property
     def pending(self) -> int:
@@ -389,39 +420,82 @@ class BatchDecoder:
 
     @torch.no_grad()
     def _prefill(self, seq: _Sequence, b: int) -> None:
-        """The prompt on row b alone, its first token, and its skip-set DP."""
+        """The prompt on row b alone, its first token, and its skip set: its search on its last
+        prompt token (or, with first_dp="first_round", on its first output token after round 1),
+        or its random mask."""
         t = time.perf_counter()
         a, c = self.adapter, self.config
         self.draft_head.add([*seq.tokens, *self._eos])
         if seq.max_new <= 0:
             seq.finished = True
             return
+        reads, dp0 = self._reads, seq.stats.time_dp
         T = len(seq.tokens)
         row = self.cache.row(b)
         ids = torch.tensor([seq.tokens], device=self.device)
         h, hs = a.forward(ids, 0, row, keep_hidden="last")
-        scores = a.head(h[:, -1])
+        raw = a.head(h[:, -1])
+        scores = raw
         if seq.processor is not None:
-            scores = apply_processor(seq.processor, self._context(seq), scores[:, None])[:, 0]
-        tok = int(first_token(c, scores, [seq.generator]))
-        M, strategy = c.num_skip_layers, c.skip_strategy
-        if M > 0 and isinstance(strategy, str):
-            if strategy == "random":
-                seed = None if c.seed is None else c.seed + seq.id
-                seq.skip = random_skip_mask(a.num_layers, M, seed)
-            else:
-                target = torch.stack([x[:, -1] for x in hs], 1)
-                mask, _ = searched_skip_mask(strategy, a, row, target, T - 1, T, M)
-                if strategy != "importance":
-                    self.stats.dp_runs += 1
-                    seq.stats.dp_runs += 1
-                seq.skip = [bool(x) for x in mask[0].tolist()]
+            scores = apply_processor(seq.processor, self._context(seq), raw[:, None])[:, 0]
+        first = first_token(c, scores, [seq.generator])
+        if self.keep_logits:
+            seq.token_logits.append(raw[0].to(torch.float32, copy=True))
+        tok = self._read(first)[0][0]
         self._lens[b] = T
         self._last[b, 0] = tok
-        seq.stats.time_prefill = time.perf_counter() - t
-        self.stats.time_prefill += seq.stats.time_prefill
+        strategy = c.skip_strategy
+        if self.layer_skip_ok and strategy == "random":
+            seed = None if c.seed is None else c.seed + seq.id
+            seq.skip = random_skip_mask(a.num_layers, c.num_skip_layers, seed)
+        elif self.layer_skip_ok and strategy in SEARCHED:
+            if c.first_dp == "first_round":
+                seq.search_pending = True
+            else:
+                self._search(seq, b, torch.stack([x[:, -1] for x in hs], 1), T - 1)
+        st = seq.stats
+        st.host_syncs += self._reads - reads
+        dt = time.perf_counter() - t
+        st.time_prefill += dt - (st.time_dp - dp0)
+        st.time_total += dt
+        self.stats.time_prefill += dt
         self.stats.prefills += 1
         self._stream([(seq, self._commit(seq, [tok]))])
+
+    def _search(self, seq: _Sequence, b: int, target: Tensor, pos: int) -> None:
+        """Row b's skip-set search (skip_strategy "dp", "static" or "importance"; SPEC section
+        2) on its hidden states ``target`` [1, L + 1, d] at position ``pos`` (its scratch slots
+        past it): its own mask, and the importance per layer in its stats."""
+        t = time.perf_counter()
+        c, a, L = self.config, self.adapter, self.adapter.num_layers
+        mask, imp = searched_skip_mask(
+            c.skip_strategy, a, self.cache.row(b), target, pos, pos + 1, c.num_skip_layers
+        )
+        host = self._read(torch.cat([mask.float(), imp.float()], 1)[0])
+        seq.skip = [bool(x) for x in host[:L]]
+        seq.stats.importance = host[L:]
+        seq.rounds_since_dp = 0
+        seq.stats.dp_runs += 1
+        self.stats.dp_runs += 1
+        dt = time.perf_counter() - t
+        seq.stats.time_dp += dt
+        self.stats.time_dp += dt
+
+    def _searches(self, seq: _Sequence, aged: bool) -> bool:
+        """Whether row ``seq`` searches its skip set after this round (which ages its mask when
+        ``aged``): its first search (first_dp="first_round"), or a re-run every
+        ``update_interval`` aging rounds (skip_strategy "dp" and "importance")."""
+        if seq.search_pending:
+            return True
+        if seq.skip is None or self.config.skip_strategy not in ("dp", "importance"):
+            return False
+        seq.rounds_since_dp += aged
+        return seq.rounds_since_dp >= self.config.update_interval
+
+    def _read(self, t: Tensor) -> list:
+        """The one way device values reach the host; counted (``_reads``)."""
+        self._reads += 1
+        return t.tolist()
 
     def _context(self, seq: _Sequence) -> Tensor:
         """What ``logits_processor`` sees of a row: [1, n] ids (its pads, prompt and emitted
@@ -446,6 +520,8 @@ class BatchDecoder:
     def _set_skip(self) -> None:
         """The batch's skip set for the live rows, and the low-bit copies its draft uses."""
         self.skip = self._shared_skip()
+        for seq in self.rows:
+            seq.stats.skip_layers = [i for i, x in enumerate(self.skip) if x]
         if self.int8_draft is not None and any(self.skip):
             self.int8_draft.prepare(self.skip)
 
@@ -487,43 +563,22 @@ class BatchDecoder:
     def _choose(self, B: int, caps: list[int], looked: list[tuple[list[int], int]], sources=None):
         """The round: (PLAIN, 0), (LAYER_SKIP, k): k draft steps for every row, a row with a
         context match taking its tokens first, or (LOOKUP, k): each row proposes up to k tokens
-        of its match (rows without one none), no draft forward. With policy="cost" the one with
-        the most expected tokens per second summed over the rows, from the table at batch size
-        B and the acceptance each row has seen (``sources``: its estimates per draft source;
-        None: the pooled ones for every row); with "fixed", layer skip up to max_draft."""
+        of its match (rows without one none), no draft forward. With policy="cost" the policy's
+        choice (``CostPolicy.choose_rows``) from the table at batch size B and the acceptance
+        each row has seen (``sources``: its estimates per draft source; None: the pooled ones
+        for every row). With "fixed": the rows' matches when every row has one (one sequence
+        drafts its match when it has one, as CLaSp with prompt lookup does), else layer skip
+        up to max_draft."""
         c = self.config
         k_ls = min(c.max_draft, max(caps)) if c.num_skip_layers > 0 and any(self.skip) else 0
         lens = [len(t) for t, _ in looked]
         if self.policy is None:
-            if k_ls > 0:
-                return LAYER_SKIP, k_ls
-            return (LOOKUP, max(lens)) if any(lens) else (PLAIN, 0)
-        pol = self.policy
-        pol.table = self._table(B)
-        seconds = pol.cost  # the table's time, scaled as this decoder's rounds measured
-        gain = MIN_GAIN if B == 1 else BATCH_MIN_GAIN
-        best, choice = B / seconds(PLAIN, 0) * gain, (PLAIN, 0)
-        srcs = sources or [pol.sources] * len(caps)
-        if k_ls > 0:
-            # (E emitted, E drafted) per row, from its own estimates, for drafts of at most k;
-            # the draft runs while any row goes on
-            es = [src[LAYER_SKIP].expected(k_ls) for src in srcs]
-            for k in range(1, k_ls + 1):  # a row near its end drafts only up to its cap
-                emitted = sum(e[min(k, cap)][0] for e, cap in zip(es, caps, strict=True))
-                rate = emitted / seconds(LAYER_SKIP, batch_draft_steps(es, caps, k))
-                if rate > best:
-                    best, choice = rate, (LAYER_SKIP, k)
-        if any(lens):
-            per_row = [
-                src[lookup_source(n)].expected(len(t))
-                for src, (t, n) in zip(srcs, looked, strict=True)
-            ]
-            for k in range(1, max(lens) + 1):
-                emitted = sum(e[min(k, len(e) - 1)][0] for e in per_row)
-                rate = emitted / seconds(LOOKUP, k)
-                if rate > best:
-                    best, choice = rate, (LOOKUP, k)
-        return choice
+            if any(lens) and (all(lens) or k_ls == 0):
+                return LOOKUP, max(lens)
+            return (LAYER_SKIP, k_ls) if k_ls > 0 else (PLAIN, 0)
+        self.policy.table = self._table(B)
+        choice = self.policy.choose_rows(caps, k_ls, looked, sources)
+        return choice.kind, choice.k
 
     def _draft(
         self,
@@ -535,12 +590,14 @@ class BatchDecoder:
         contexts: list[Tensor] | None,
         forward=True,
         allowed: list[int] | None = None,
+        n0: int = 0,
     ):
         """k draft tokens per row [B, k] (and their proposals q [B, k, V] when sampling): a row's
         ``looked`` tokens first, then (``forward``) layer-skip draft tokens, scored by the rows'
         logits processors after their ``contexts`` (None: no row has one). The draft stops early
         once no row goes on: a row stops at its first draft token below the exit threshold or
-        EOS, and at its ``allowed`` length (a row near its end)."""
+        EOS, and at its ``allowed`` length (a row near its end). ``n0``: row 0's committed
+        length (the one-row forward's position, ``_at``)."""
         c, a, dh = self.config, self.adapter, self.draft_head
         B = t0.shape[0]
         lk = torch.zeros(B, k, dtype=torch.long)
@@ -574,16 +631,17 @@ class BatchDecoder:
             alive = allowed_t > 0
         with weights:
             for j in range(k):
+                start, cache, kv_len = self._at(starts, n0, kv0, j)
                 nxt, q, top1 = draft_step(
                     c,
                     self._forward,
                     dh,
                     tok,
-                    starts + j,
-                    self.cache,
+                    start,
+                    cache,
                     self.skip,
                     gens,
-                    kv_len=kv0 + j,
+                    kv_len=kv_len,
                     processor=proc,
                     want_top1=thr > 0,
                 )
@@ -597,7 +655,7 @@ class BatchDecoder:
                 if thr > 0 and j + 1 < k:  # stop when no row goes on (one read per draft step)
                     sure = ((top1 >= thr) & ~torch.isin(nxt[:, 0], self._eos_ids)) | has[:, j]
                     alive &= sure & (j + 1 < allowed_t)
-                    if not bool(alive.any()):
+                    if not self._read(alive.any()):
                         break
         return torch.cat(drafts, 1), (torch.stack(qs, 1) if qs else None)
 
@@ -611,8 +669,9 @@ class BatchDecoder:
             self.stats.time_total += time.perf_counter() - t_round
             return done
         c, a = self.config, self.adapter
-        rows = self.rows
+        rows = list(self.rows)  # this round's rows (_release reorders self.rows)
         B = len(rows)
+        reads0 = self._reads
         n = [s.committed for s in rows]
         kv0 = max(n) + 1
         starts = self._lens[:B].clone()  # verify advances self._lens in place
@@ -630,17 +689,17 @@ class BatchDecoder:
         steps0 = self.stats.draft_steps
         q = None
         if kind == LOOKUP:  # the rows' own matches only
-            looked = [(t[:k], n) for t, n in looked]
+            looked = [(t[:k], m) for t, m in looked]
             num = allowed = [len(t) for t, _ in looked]
             drafts, q = self._draft(
-                t0, starts, kv0, k, [t for t, _ in looked], contexts, forward=False
+                t0, starts, kv0, k, [t for t, _ in looked], contexts, forward=False, n0=n[0]
             )
         elif kind == LAYER_SKIP:
             num = allowed = [min(k, cap) for cap in caps]
             # the cascade: a row's 2- and 3-gram matches go first (a 1-gram match is mostly
             # wrong where text does not copy its context, and would displace the draft)
             prefix = [t[:m] if ng >= 2 else [] for (t, ng), m in zip(looked, num, strict=True)]
-            drafts, q = self._draft(t0, starts, kv0, k, prefix, contexts, allowed=allowed)
+            drafts, q = self._draft(t0, starts, kv0, k, prefix, contexts, allowed=allowed, n0=n[0])
             k = drafts.shape[1]  # the exit threshold may have stopped it early
             num = [min(x, k) for x in num]
         else:
@@ -648,24 +707,34 @@ class BatchDecoder:
             drafts = t0.new_zeros(B, 0)
         t2 = time.perf_counter()
         self.stats.time_draft += t2 - t
-        h, _ = self._forward(torch.cat([t0, drafts], 1), starts, self.cache, kv_len=kv0 + k)
-        logits = a.head(h)
+        # the rows that search their skip set after this round need the verify's hidden states
+        searching = [self._searches(s, self.policy is None or kind == LAYER_SKIP) for s in rows]
+        start, cache, kv_len = self._at(starts, n[0], kv0 + k, 0)
+        h, hs = self._forward(
+            torch.cat([t0, drafts], 1),
+            start,
+            cache,
+            kv_len=kv_len,
+            keep_hidden="all" if any(searching) else None,
+        )
+        raw = logits = a.head(h)
         if contexts is not None:
             ctx = [torch.cat([x, drafts[b : b + 1, : num[b]]], 1) for b, x in enumerate(contexts)]
-            logits = self._processed_rows(ctx, logits, num)
+            logits = self._processed_rows(ctx, raw, num)
         num_draft = torch.tensor(num, dtype=torch.int32, device=self.device)
         gens = [s.generator for s in rows]
         accepted, out = accept(c, logits, drafts, num_draft, self._lens[:B], q, gens)
         self._last[:B] = out.gather(1, accepted.long()[:, None])  # the next round's first token
-        host = torch.cat([accepted.long()[:, None], out], 1).tolist()  # the round's one read
+        host = self._read(torch.cat([accepted.long()[:, None], out], 1))  # the round's one read
+        t3 = time.perf_counter()
         if self.policy is not None:  # the round's time against the table's
             steps = self.stats.draft_steps - steps0
-            self.policy.observe_time(kind, k, steps, time.perf_counter() - t)
-        self.stats.time_verify += time.perf_counter() - t2
+            self.policy.observe_time(kind, k, steps, t3 - t)
+        self.stats.time_verify += t3 - t2
         self.stats.rounds += 1
         self.stats.row_rounds += B
-        _count(self.stats.batch_sizes, B)
-        _count(self.stats.draft_lengths, k)
+        count(self.stats.batch_sizes, B)
+        count(self.stats.draft_lengths, k)
         self.stats.plain_rounds += kind == PLAIN
         self.stats.graphs_captured = 0 if self.graphs is None else self.graphs.captured
         self.stats.lookup_rounds += kind == LOOKUP
@@ -678,8 +747,15 @@ class BatchDecoder:
             st.drafted += num[b]
             st.accepted += acc
             st.plain_rounds += kind == PLAIN or num[b] == 0
-            st.lookup_rounds += kind == LOOKUP and num[b] > 0
-            st.layer_skip_rounds += kind == LAYER_SKIP and num[b] > 0
+            if kind == LOOKUP and num[b] > 0:
+                st.lookup_rounds += 1
+                st.short_lookup_rounds += lookup_source(looked[b][1]) == SHORT_LOOKUP
+                count(st.lookup_lengths, num[b])
+            if kind == LAYER_SKIP and num[b] > 0:
+                st.layer_skip_rounds += 1
+                count(st.layer_skip_lengths, allowed[b])
+            st.time_draft += t2 - t
+            st.time_verify += t3 - t2
             row_outcomes = self._outcomes(
                 kind,
                 looked[b],
@@ -693,11 +769,33 @@ class BatchDecoder:
                 observe_sources(seq.sources, row_outcomes)
             emitted = self._commit(seq, [int(x) for x in host[b][1 : acc + 2]])
             st.round_tokens += len(emitted)
+            if self.keep_logits:
+                seq.token_logits += raw[b, : len(emitted)].to(torch.float32, copy=True).unbind(0)
             pending.append((seq, emitted))
+        # the searches, each on its row's hidden states at its last accepted token
+        searched = False
+        shared = self._reads - reads0
+        for b, seq in enumerate(rows):
+            reads = self._reads
+            if searching[b] and not seq.finished:
+                seq.search_pending = False
+                acc = int(host[b][0])
+                target = torch.stack([x[b : b + 1, acc] for x in hs], 1)
+                self._search(seq, b, target, n[b] + acc)
+                searched = True
+            syncs = shared + self._reads - reads
+            seq.stats.host_syncs += syncs
+            seq.stats.round_host_syncs += syncs
+            seq.stats.max_round_host_syncs = max(seq.stats.max_round_host_syncs, syncs)
+        if searched:
+            self._set_skip()
         if self.policy is not None:
             self.policy.observe_rows(outcomes)
         self._stream(pending)
         done += self._release()
+        dt = time.perf_counter() - t
+        for seq in rows:
+            seq.stats.time_total += dt
         self.stats.time_total += time.perf_counter() - t_round
         return done
 
@@ -768,7 +866,7 @@ class BatchDecoder:
 
     def _result(self, seq: _Sequence) -> Finished:
         seq.stats.skip_layers = [i for i, s in enumerate(self.skip) if s]
-        return Finished(seq.id, seq.tokens, seq.prompt_len, seq.stats)
+        return Finished(seq.id, seq.tokens, seq.prompt_len, seq.stats, seq.token_logits)
 
     def run(self) -> list[Finished]:
         """Steps until every queued and live request is done; returns them by request id."""

@@ -1,8 +1,7 @@
-"""The phases both decoding loops share (loop.py: one sequence; batch.py: many): the first token
-after a prefill, a layer-skip draft step, the acceptance of a verified round and the cut of
-emitted tokens at a stop. One implementation each, so the batch-1 and the batched loop cannot
-drift apart on what makes them lossless. Row b of a batch draws its randomness from
-``generators[b]`` alone."""
+"""The phases of a round of the decoding loop (batch.py; one sequence is a batch of one): the
+first token after a prefill, a layer-skip draft step, the acceptance of a verified round and the
+cut of emitted tokens at a stop, each a plain function of its tensors. Row b of a batch draws its
+randomness from ``generators[b]`` alone."""
 
 from __future__ import annotations
 

@@ -28,6 +28,9 @@ def lookup_source(ngram: int) -> str:
     return LONG_LOOKUP if ngram >= 3 else LOOKUP if ngram == 2 else SHORT_LOOKUP
 
 
+_NGRAM = {LONG_LOOKUP: 3, LOOKUP: 2, SHORT_LOOKUP: 1}  # a match length of each lookup source
+
+
 # Acceptance priors per position group: (first position, later positions), or one value for all
 # positions. Optimistic enough that a source is tried where it can pay, so the estimates can
 # learn. A layer-skip draft's positions are alike (one group, so what the first position teaches
@@ -210,11 +213,12 @@ class CostPolicy:
         # draft length (host work that grows with them is averaged in)
         self.time_scale = TimeScale()
 
-    def cost(self, kind: str, drafted: float) -> float:
+    def cost(self, kind: str, drafted: float, rows: int = 1) -> float:
         """Expected seconds of a round that drafts ``drafted`` tokens (an expectation): the
-        table's, scaled by the rounds' measured times where ``scale_times`` is on."""
+        table's, scaled by the rounds' measured times where ``scale_times`` is on; a layer-skip
+        round of ``rows`` sequences also pays each one's share of its DP re-runs."""
         scale = self.time_scale(kind) if self.scale_times else 1.0
-        dp = self.dp_s_per_round if kind == LAYER_SKIP else 0.0
+        dp = self.dp_s_per_round * rows if kind == LAYER_SKIP else 0.0
         return self.table_s(kind, drafted, drafted) * scale + dp
 
     def table_s(self, kind: str, k: float, steps: float) -> float:
@@ -245,19 +249,52 @@ class CostPolicy:
     def choose(
         self, k_max: int, lookup_len: int = 0, layer_skip: bool = True, lookup_kind: str = LOOKUP
     ) -> Choice:
-        """The best of: a plain step; the first 1..``lookup_len`` looked-up tokens (a draft of
-        source ``lookup_kind``); a layer-skip draft of at most 1..``k_max`` tokens (when
-        ``layer_skip``)."""
-        best = Choice(PLAIN, 0, 1.0 / self.cost(PLAIN, 0))
-        floor = best.rate * MIN_GAIN
-        options = []
-        if lookup_len > 0:
-            options.append(self._best(lookup_kind, lookup_len))
-        if layer_skip and k_max > 0:
-            options.append(self._best(LAYER_SKIP, k_max))
-        for c in options:
-            if c.k > 0 and c.rate > max(floor, best.rate):
-                best = c
+        """One sequence's round (``choose_rows`` with one row): a plain step; the first
+        1..``lookup_len`` looked-up tokens of a ``lookup_kind`` match; a layer-skip draft of at
+        most 1..``k_max`` tokens (when ``layer_skip``)."""
+        looked = [([0] * lookup_len, _NGRAM[lookup_kind])]
+        best = self.choose_rows([k_max], k_max if layer_skip else 0, looked)
+        return Choice(lookup_kind, best.k, best.rate) if best.kind == LOOKUP else best
+
+    def choose_rows(
+        self,
+        caps: list[int],
+        k_layer_skip: int,
+        looked: list[tuple[list[int], int]],
+        sources: list[dict] | None = None,
+    ) -> Choice:
+        """The round of B = len(caps) sequences with the most expected tokens per second summed
+        over them (the one choice rule, for one sequence and for batches): a plain step; a
+        layer-skip draft of at most k <= ``k_layer_skip`` tokens for every row (row b never past
+        its ``caps[b]``; the draft runs while any row goes on); or a lookup round, row b proposing
+        up to k tokens of its own match ``looked[b]`` = (tokens, n-gram length), no draft forward.
+        ``sources``: each row's estimates (None: the pooled ones for every row). A draft must
+        beat a plain step by MIN_GAIN (BATCH_MIN_GAIN for batches). Returns kind LOOKUP for any
+        lookup round."""
+        B = len(caps)
+        plain = B / self.cost(PLAIN, 0)
+        best = Choice(PLAIN, 0, plain)
+        floor = plain * (MIN_GAIN if B == 1 else BATCH_MIN_GAIN)
+        srcs = sources or [self.sources] * B
+        if k_layer_skip > 0:
+            # (E emitted, E drafted) per row, from its own estimates, for drafts of at most k
+            es = [src[LAYER_SKIP].expected(k_layer_skip) for src in srcs]
+            for k in range(1, k_layer_skip + 1):  # a row near its end drafts only up to its cap
+                emitted = sum(e[min(k, cap)][0] for e, cap in zip(es, caps, strict=True))
+                rate = emitted / self.cost(LAYER_SKIP, batch_draft_steps(es, caps, k), B)
+                if rate > max(floor, best.rate):
+                    best = Choice(LAYER_SKIP, k, rate)
+        lens = [len(t) for t, _ in looked]
+        if any(lens):
+            per_row = [
+                src[lookup_source(n)].expected(len(t))
+                for src, (t, n) in zip(srcs, looked, strict=True)
+            ]
+            for k in range(1, max(lens) + 1):
+                emitted = sum(e[min(k, len(e) - 1)][0] for e in per_row)
+                rate = emitted / self.cost(LOOKUP, k)
+                if rate > max(floor, best.rate):
+                    best = Choice(LOOKUP, k, rate)
         return best
 
     def may_choose(self, kind: str, k_max: int) -> bool:
