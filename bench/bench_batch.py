@@ -13,8 +13,8 @@ their total time), with and without the prefill: ``model.generate`` prefills the
 the longest prompt), the batched loop each prompt on its own row, so with prompts of unequal length
 much of a batch's gain can be the prefill; ``ar``'s prefill is the time to its first scores
 (a pass-through logits processor notes it), ``clasp``'s the time its prefills took. ``clasp`` is
-``clasp_ext.generate``: ClaspDecoder at B = 1, BatchDecoder above; ``clasp-batchloop`` (B = 1
-only) is BatchDecoder with one row. Writes records.json and table.md to ``--out``.
+``clasp_ext.generate``: ClaspDecoder at B = 1 (the batched loop with one row), BatchDecoder above.
+Writes records.json and table.md to ``--out``.
 """
 
 from __future__ import annotations
@@ -99,13 +99,7 @@ def run_ar(model, rows, max_new, pad, eos):
     return [new_tokens(r, eos, pad, max_new) for r in out[:, ids.shape[1] :].tolist()], prefill
 
 
-def run_clasp(model, rows, max_new, pad, eos, batch_loop=False):
-    if batch_loop:
-        dec = BatchDecoder(model, max_batch=1, max_new_tokens=max_new)
-        for r in rows:
-            dec.add(torch.tensor(r))
-        done = dec.run()
-        return [f.new_tokens for f in done], dict(time_prefill=dec.stats.time_prefill)
+def run_clasp(model, rows, max_new, pad, eos):
     ids, mask = left_pad(rows, pad)
     out = clasp_ext.generate(model, ids, attention_mask=mask, max_new_tokens=max_new)
     if isinstance(out, clasp_ext.ClaspOutput):
@@ -259,7 +253,7 @@ def main(argv=None):
     records = []
     with torch.inference_mode():
         for B in args.batch_sizes:
-            methods = ["ar", "clasp"] + (["clasp-batchloop"] if B == 1 else [])
+            methods = ["ar", "clasp"]
             for c0 in range(0, len(rows) - B + 1, B):
                 chunk = list(range(c0, c0 + B))
                 order = methods if (c0 // B) % 2 == 0 else methods[::-1]
@@ -270,9 +264,7 @@ def main(argv=None):
                         dt = time.perf_counter() - t
                         stats = dict(time_prefill=prefill)
                     else:
-                        outs, stats = run_clasp(
-                            model, [rows[i] for i in chunk], N, pad, eos, m == "clasp-batchloop"
-                        )
+                        outs, stats = run_clasp(model, [rows[i] for i in chunk], N, pad, eos)
                         dt = time.perf_counter() - t
                     if m == "ar" and B == 1:
                         alone[chunk[0]] = outs[0]
