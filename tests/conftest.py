@@ -51,14 +51,13 @@ SYNTHETIC_COST_TABLE = {"verify_s": {1: 1.0, 32: 1.0}, "draft_step_s": 0.05, "dp
 def _deterministic_cost_table(request, monkeypatch):
     if request.node.get_closest_marker("measured_cost_table"):
         return
-    from clasp_ext.decoding import batch, loop
+    from clasp_ext.decoding import batch
     from clasp_ext.decoding.cost_model import CostTable
 
     def synthetic(*args, **kwargs):
         return CostTable(**SYNTHETIC_COST_TABLE)
 
-    monkeypatch.setattr(loop, "get_cost_table", synthetic)
-    monkeypatch.setattr(batch, "get_cost_table", synthetic)
+    monkeypatch.setattr(batch, "get_cost_table", synthetic)  # the loop's one measuring call
 
 
 @pytest.fixture(autouse=True)

@@ -189,12 +189,7 @@ class BatchDecoder:
         self.int8_draft = int8_draft_for(a, c.draft_weights, c.num_skip_layers)
         self.draft_head = DraftHead(a, c.draft_vocab_size, int8=self.int8_draft is not None)
         self.cost_tables: dict[int, CostTable] = dict(cost_tables or {})
-        self.policy = self.new_policy()
-        # with "cost", False where a layer-skip draft can never be chosen (not even at batch 1,
-        # where verifying is cheapest): then no row runs a skip-set search
-        self.layer_skip_ok = c.num_skip_layers > 0 and (
-            self.policy is None or self.policy.may_choose(LAYER_SKIP, c.max_draft)
-        )
+        self.reset_policy()
         self.cache = a.new_cache(self.capacity, batch=max_batch)
         self._device_state()
         if self.policy is not None:
@@ -237,17 +232,24 @@ class BatchDecoder:
         # from CUDA graphs over static buffers
         self.graphs = self.graphed_steps() if self.config.cuda_graphs else None
 
-    def new_policy(self) -> CostPolicy | None:
-        """A round policy with fresh acceptance estimates (policy="cost"; None with "fixed").
-        Layer-skip drafts stop where no row's is sure (draft_exit_threshold); with
-        skip_strategy="dp" a layer-skip round pays each row's share of its DP re-runs
-        (dp_s / update_interval, the DP timed on one row)."""
+    def reset_policy(self) -> None:
+        """A round policy with fresh acceptance estimates (``self.policy``; policy="cost", None
+        with "fixed") from the batch-1 table. Layer-skip drafts stop where no row's is sure
+        (draft_exit_threshold); with skip_strategy="dp" a layer-skip round pays each row's share
+        of its DP re-runs (dp_s / update_interval, the DP timed on one row). Also
+        ``layer_skip_ok``: with "cost", False where a layer-skip draft can never be chosen (not
+        even at batch 1, where verifying is cheapest); then no row runs a skip-set search."""
         c = self.config
-        if c.policy != "cost":
-            return None
-        table = self._measured(1)
-        dp = table.dp_s / c.update_interval if c.skip_strategy == "dp" else 0.0
-        return CostPolicy(table, c.draft_exit_threshold > 0, dp, online_costs=c.online_costs)
+        self.policy = None
+        if c.policy == "cost":
+            table = self._measured(1)
+            dp = table.dp_s / c.update_interval if c.skip_strategy == "dp" else 0.0
+            self.policy = CostPolicy(
+                table, c.draft_exit_threshold > 0, dp, online_costs=c.online_costs
+            )
+        self.layer_skip_ok = c.num_skip_layers > 0 and (
+            self.policy is None or self.policy.may_choose(LAYER_SKIP, c.max_draft)
+        )
 
     def graphed_steps(self, capture: bool = True) -> GraphedSteps:
         """The rounds' forward on static buffers over this decoder's cache, captured as CUDA
@@ -382,8 +384,10 @@ class BatchDecoder:
                 return self.cost_tables
             B *= 2
 
-    def _measured(self, B: int) -> CostTable:
-        if B not in self.cost_tables:
+    def _measured(self, B: int, refresh: bool = False) -> CostTable:
+        """The table at batch size B, kept in ``cost_tables`` (get_cost_table: from memory, else
+        disk, else measured; ``refresh`` measures again)."""
+        if refresh or B not in self.cost_tables:
             c = self.config
             self.cost_tables[B] = get_cost_table(
                 self.adapter,
@@ -392,6 +396,7 @@ class BatchDecoder:
                 c.max_round_draft + 1,
                 int8_draft=self.int8_draft,
                 batch=B,
+                refresh=refresh,
             )
         return self.cost_tables[B]
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from clasp_ext.decoding.batch import BatchDecoder, _Sequence, generate_batch
 from clasp_ext.decoding.config import ClaspConfig
-from clasp_ext.decoding.cost_model import CostTable, get_cost_table
+from clasp_ext.decoding.cost_model import CostTable
 from clasp_ext.decoding.inputs import check_token_ids
 from clasp_ext.decoding.stats import ClaspStats
 
@@ -95,17 +95,8 @@ class ClaspDecoder:
     def calibrate(self, refresh: bool = False) -> CostTable:
         """This setup's cost table (cost_model.get_cost_table: from memory, else disk, else
         measured; ``refresh`` measures again), kept as ``self.cost_table``."""
-        c = self.config
-        table = get_cost_table(
-            self.adapter,
-            self.draft_head,
-            c.num_skip_layers,
-            c.max_round_draft + 1,
-            int8_draft=self.int8_draft,
-            refresh=refresh,
-        )
-        self.loop.cost_tables[1] = table
-        self.loop.policy = self.loop.new_policy()
+        table = self.loop._measured(1, refresh)
+        self.loop.reset_policy()
         return table
 
     @property
@@ -120,7 +111,7 @@ class ClaspDecoder:
         loop = self.loop
         loop.rows.clear()  # a run stopped by an error leaves its row behind
         loop.queue.clear()
-        loop.policy = loop.new_policy()  # fresh acceptance estimates per sequence
+        loop.reset_policy()  # fresh acceptance estimates per sequence
         self._seq: _Sequence | None = None
         self.stats = ClaspStats()
         self.prompt_len = 0

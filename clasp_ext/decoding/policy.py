@@ -240,12 +240,6 @@ class CostPolicy:
         if self.scale_times:
             self.time_scale.observe(kind, self.table_s(kind, k, steps), seconds)
 
-    def _best(self, kind: str, k_max: int, ones: bool = False) -> Choice:
-        e = self.sources[kind].expected(k_max, ones)
-        rates = [(e[k][0] / self.cost(kind, e[k][1]), k) for k in range(1, len(e))]
-        rate, k = max(rates, default=(0.0, 0))
-        return Choice(kind, k, rate)
-
     def choose(
         self, k_max: int, lookup_len: int = 0, layer_skip: bool = True, lookup_kind: str = LOOKUP
     ) -> Choice:
@@ -302,7 +296,9 @@ class CostPolicy:
         start (the priors) it says whether the kind can ever be chosen: its estimates move only
         when it is chosen and otherwise drift back to the prior. If not, the loop need not prepare
         it (no skip-set DP for a draft that never runs)."""
-        return self._best(kind, k_max).rate > self.choose(0).rate * MIN_GAIN
+        if kind == LAYER_SKIP:
+            return self.choose(k_max).kind == LAYER_SKIP
+        return self.choose(0, k_max, layer_skip=False, lookup_kind=kind).kind == kind
 
     def observe(self, kind: str, drafted: int, accepted: int, k_max: int = 0) -> None:
         """The round's outcome: ``drafted`` tokens proposed by a draft allowed ``k_max``."""
