@@ -134,9 +134,9 @@ def compare_skip_rules(model, rows, B, max_new, rules):
             lookup_ngram=0,
             batch_skip_rule=rule,
         )
-        if dec.int8_draft is not None:  # every layer's int8 copy now, not inside a timed run
+        if dec.low_bit is not None:  # every layer's low-bit copy now, not in a timed run
             for i in range(dec.adapter.num_layers):
-                dec.int8_draft._layer(i)
+                dec.low_bit._layer(i)
     for c0 in range(0, len(rows) - B + 1, B):
         order = rules if (c0 // B) % 2 == 0 else rules[::-1]
         for rule in order:
@@ -242,7 +242,7 @@ def main(argv=None):
     )
     print(json.dumps(meta, indent=1), flush=True)
     N = args.max_new_tokens
-    # warm-up: int8 copies, cost tables at every batch size, first-call allocations
+    # warm-up: low-bit copies, cost tables at every batch size, first-call allocations
     with torch.inference_mode():
         for B in args.batch_sizes:
             t = time.perf_counter()

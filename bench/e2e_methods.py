@@ -175,6 +175,7 @@ BUILTIN = {
     "clasp-fixed": (_run_clasp, {"policy": "fixed"}),  # every round drafts, up to max_draft
     "clasp-cost": (_run_clasp, {"policy": "cost"}),  # per-round choice from the cost table
     "clasp-int8": (_run_clasp, {"draft_weights": "int8"}),  # drafts on int8 weight copies
+    "clasp-int4": (_run_clasp, {"draft_weights": "int4"}),  # drafts on int4 weight copies
     "clasp-layerskip": (_run_clasp, {"lookup_ngram": 0}),  # layer-skip drafts alone
     "clasp-static": (_run_clasp, {"skip_strategy": "static"}),
     "clasp-importance": (_run_clasp, {"skip_strategy": "importance"}),

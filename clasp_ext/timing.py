@@ -25,26 +25,44 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _timed(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn``, synchronizing a CUDA device around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
 def median_time(
     fn, device: torch.device, repeats: int, warmup: int = 0, cheap_s: float = math.inf
 ) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, synchronizing a
     CUDA device around each call; the faster of the first two when the first takes more than
     ``cheap_s`` (an expensive measurement, where repeating costs most)."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):  # first-call allocations and kernel selection
         fn()
     times = []
     for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
+        times.append(_timed(fn, device))
         if len(times) == 2 and times[0] > cheap_s:
             return min(times)
     return statistics.median(times)
+
+
+def median_times(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each of ``fns`` (name -> function) over ``repeats`` rounds that call
+    every one once, in an order rotating from round to round, after ``warmup`` untimed rounds. A
+    shared machine whose speed drifts within the measurement moves them all together, so their
+    ratios hold where separate ``median_time`` runs would each catch a different speed."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed(fns[name], device))
+    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -248,27 +248,28 @@ def test_cuda_graphs_for_one_sequence():
     assert_lossless(model, out.sequences[0].tolist(), hf_greedy(model, ids, 24), ids.shape[1])
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @torch.no_grad()
-def test_int8_drafts(graphs):
-    """int8 draft weights (low_bit.py) on the device: the int8 matmul against its fp32 reference,
-    and batched greedy rows with int8 drafts (eager rounds, and replayed from CUDA graphs) equal
-    model.generate up to a near-tie. Skipped, with torch's reason, where this torch has no int8
-    weight matmul for the device (the reason is what gpu_check records)."""
+def test_low_bit_drafts(graphs, kind):
+    """int8 / int4 draft weights (low_bit.py) on the device: the matmul against its fp32
+    reference, and batched greedy rows with such drafts (eager rounds, and replayed from CUDA
+    graphs) equal model.generate up to a near-tie. Skipped, with torch's reason, where this torch
+    has no such weight matmul for the device (the reason is what gpu_check records)."""
     from clasp_ext.decoding import BatchDecoder
-    from clasp_ext.decoding.low_bit import Int8Weight, check_supported
+    from clasp_ext.decoding.low_bit import KINDS, check_supported, int4_quantize
 
     if graphs and ON_CPU:
         pytest.skip("cuda_graphs=True needs a CUDA device")
     try:
-        check_supported(torch.device(DEVICE), torch.bfloat16)
+        check_supported(kind, torch.device(DEVICE), torch.bfloat16)
     except ValueError as err:
         pytest.skip(str(err))
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
     x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
-    q = Int8Weight(w.to(DEVICE))
-    deq = q.q.float() * q.scale.float()[:, None]
+    q = KINDS[kind](w.to(DEVICE))
+    deq = q.dequantized() if kind == "int8" else q.dequantized(int4_quantize(w.to(DEVICE))[0])
     ref = x.to(DEVICE).float() @ deq.T
     torch.testing.assert_close(q(x.to(DEVICE)).float(), ref, rtol=2e-2, atol=2e-2 * 8)
 
@@ -280,13 +281,13 @@ def test_int8_drafts(graphs):
         max_new_tokens=24,
         max_cache_len=96,
         policy="fixed",
-        draft_weights="int8",
+        draft_weights=kind,
         cuda_graphs=graphs,
     )
     for ids in prompts:
         dec.add(ids[0])
     done = dec.run()
-    assert dec.int8_draft is not None and dec.stats.draft_steps > 0
+    assert dec.low_bit is not None and dec.stats.draft_steps > 0
     for f, ids in zip(done, prompts, strict=True):
         want = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24

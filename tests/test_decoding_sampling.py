@@ -55,8 +55,9 @@ def exact_marginals(model, prompt, V, proc):
         ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 5, 0, "original"),
         # context lookup drafts first (a point-mass q) wherever the last token occurred before
         ("llama", 1.0, 0, 1.0, 2.0, [1, 2], 0, 2, "original"),
-        # the draft on int8 copies of the kept layers and of the draft head (low_bit.py)
+        # the draft on int8 / int4 copies of the kept layers and of the draft head (low_bit.py)
         ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 5, 0, "int8"),
+        ("llama", 1.0, 0, 1.0, 4.0, [1, 2], 5, 0, "int4"),
     ],
 )
 def test_first_tokens_distribution(

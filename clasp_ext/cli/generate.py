@@ -143,7 +143,7 @@ def main(argv=None, out=None) -> int:
         f"per round {s.host_syncs_per_round:.2f}\n"
     )
     if low_bit:
-        out.write(f"[clasp] int8 draft weight copies: {low_bit / 2**20:.0f} MiB\n")
+        out.write(f"[clasp] {dec.low_bit.kind} draft weight copies: {low_bit / 2**20:.0f} MiB\n")
     if dec.cost_table is not None:
         t = dec.cost_table
         out.write(

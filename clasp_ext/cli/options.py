@@ -42,8 +42,9 @@ def add_setup_knobs(p) -> None:
         "--draft-weights",
         choices=DRAFT_WEIGHTS,
         default=None,
-        help="auto (default): int8 copies of the kept layers for draft steps where they measure "
-        "faster; int8; original (verify always runs the model's weights)",
+        help="auto (default): int4 or int8 copies of the kept layers for draft steps, whichever "
+        "measures faster (none where neither pays); int8; int4; original (verify always runs "
+        "the model's weights)",
     )
 
 

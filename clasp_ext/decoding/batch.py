@@ -62,7 +62,7 @@ from clasp_ext.decoding.draft_head import DraftHead
 from clasp_ext.decoding.inputs import check_token_ids, unpadded_rows
 from clasp_ext.decoding.layer_search import SEARCHED, random_skip_mask, searched_skip_mask
 from clasp_ext.decoding.lookup import LookupIndex
-from clasp_ext.decoding.low_bit import int8_draft_for
+from clasp_ext.decoding.low_bit import low_bit_draft_for
 from clasp_ext.decoding.phases import (
     accept,
     apply_processor,
@@ -186,8 +186,9 @@ class BatchDecoder:
         self.callback = callback
         self.logits_processor = logits_processor
         self.keep_logits = keep_logits
-        self.int8_draft = int8_draft_for(a, c.draft_weights, c.num_skip_layers)
-        self.draft_head = DraftHead(a, c.draft_vocab_size, int8=self.int8_draft is not None)
+        self.low_bit = low_bit_draft_for(a, c.draft_weights, c.num_skip_layers)
+        kind = None if self.low_bit is None else self.low_bit.kind
+        self.draft_head = DraftHead(a, c.draft_vocab_size, low_bit=kind)
         self.cost_tables: dict[int, CostTable] = dict(cost_tables or {})
         self.reset_policy()
         self.cache = a.new_cache(self.capacity, batch=max_batch)
@@ -394,7 +395,7 @@ class BatchDecoder:
                 self.draft_head,
                 c.num_skip_layers,
                 c.max_round_draft + 1,
-                int8_draft=self.int8_draft,
+                low_bit=self.low_bit,
                 batch=B,
                 refresh=refresh,
             )
@@ -527,8 +528,8 @@ class BatchDecoder:
         self.skip = self._shared_skip()
         for seq in self.rows:
             seq.stats.skip_layers = [i for i, x in enumerate(self.skip) if x]
-        if self.int8_draft is not None and any(self.skip):
-            self.int8_draft.prepare(self.skip)
+        if self.low_bit is not None and any(self.skip):
+            self.low_bit.prepare(self.skip)
 
     def _shared_skip(self) -> list[bool]:
         """The batch's skip set from the live rows' own masks (each from its skip_strategy at
@@ -629,8 +630,8 @@ class BatchDecoder:
 
         thr = c.draft_exit_threshold
         weights = contextlib.nullcontext()
-        if self.int8_draft is not None:
-            weights = self.int8_draft.active(self.skip)
+        if self.low_bit is not None:
+            weights = self.low_bit.active(self.skip)
         if thr > 0:  # rows whose draft goes on (a stopped row stays stopped), and their lengths
             allowed_t = torch.tensor(allowed or [k] * B, device=self.device)
             alive = allowed_t > 0

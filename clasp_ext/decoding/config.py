@@ -88,10 +88,11 @@ class ClaspConfig:
     # on the AVX-512 EPYC, 12 dev prompts: 1.67x vs 1.69x with int8 drafts, 1.45x vs 1.34x
     # without) and ahead where verify costs more (fp32 there; bench/results/README.md).
     policy: str = "cost"
-    # "int8": draft steps run on int8 copies of the kept layers' linear weights and of the draft
-    # head (low_bit.py); verify keeps the model's weights, so the output is unchanged. "auto":
-    # int8 where one layer's linears measured >= 1.25x faster with it at one token (bf16 on an
-    # AVX-512 CPU: 3x; fp32 there: slower, so not), else the model's weights.
+    # "int8" / "int4": draft steps run on low-bit copies of the kept layers' linear weights and of
+    # the draft head (low_bit.py); verify keeps the model's weights, so the output is unchanged.
+    # "auto" (low_bit.auto_kind): int4 where one layer's linears at one token measured >= 1.2x
+    # faster with it than with int8 (bf16 on the AMX Xeon: 1.66x), else int8 where that measured
+    # >= 1.25x faster than the model's weights (bf16 on AVX-512 / AVX2 CPUs), else the weights.
     draft_weights: str = "auto"
     # batches only: how the rows' skip sets become the one the batch drafts with (BATCH_SKIP_RULES)
     batch_skip_rule: str = "vote"

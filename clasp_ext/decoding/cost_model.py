@@ -124,7 +124,7 @@ def device_name(device: torch.device) -> str:
 
 
 def setup_of(
-    adapter, draft_head, num_skip: int, max_tokens: int, context: int, int8_draft=None, batch=1
+    adapter, draft_head, num_skip: int, max_tokens: int, context: int, low_bit=None, batch=1
 ) -> dict:
     """Everything the timings depend on (the cache key)."""
     cfg = adapter.config
@@ -147,7 +147,7 @@ def setup_of(
         torch=torch.__version__,
         num_skip=int(num_skip),
         draft_vocab=draft_head.size,
-        draft_weights="original" if int8_draft is None else "int8",
+        draft_weights="original" if low_bit is None else low_bit.kind,
         max_tokens=int(max_tokens),
         context=int(context),
     )
@@ -188,14 +188,14 @@ def calibrate(
     *,
     context: int = DEFAULT_CONTEXT,
     repeats: int = DEFAULT_REPEATS,
-    int8_draft=None,
+    low_bit=None,
     batch: int = 1,
 ) -> CostTable:
     """Times verify (every layer + the full head) for T = 1, 2, 4, ... ``max_tokens`` new tokens,
     one draft step (the last ``num_skip`` layers skipped: the cost depends on the count only) and
     one DP run, each the median of ``repeats`` (after one warm-up call of the full and the draft
     forward), or the faster of two calls when one costs over 2 steps. The draft step runs on
-    ``int8_draft``'s low-bit copies when one is given (low_bit.py), as the loop's does. Where
+    ``low_bit``'s copies when one is given (low_bit.py), as the loop's does. Where
     verify is flat (GPU, bf16 matrix units) that is about 3 x (number of T + 2) steps; where it
     grows like T, about 3 + 2 x (2 + 4 + ... + max_tokens) steps plus two DP runs (a DP run costs
     about verify(M)).
@@ -218,7 +218,7 @@ def calibrate(
     skip = [i >= L - M for i in range(L)]
 
     def draft():
-        with int8_draft.active(skip) if int8_draft is not None else contextlib.nullcontext():
+        with low_bit.active(skip) if low_bit is not None else contextlib.nullcontext():
             h, _ = adapter.forward(ids[:, :1], context, cache, skip=skip)
         logits = draft_head.logits(h)[:, -1]
         top1 = logits.float().softmax(-1).amax(-1)  # the exit-threshold read
@@ -257,13 +257,13 @@ def get_cost_table(
     *,
     context: int = DEFAULT_CONTEXT,
     repeats: int = DEFAULT_REPEATS,
-    int8_draft=None,
+    low_bit=None,
     batch: int = 1,
     refresh: bool = False,
 ) -> CostTable:
     """The setup's table: from memory, else from disk, else measured (and saved). ``refresh``
     measures again. A table that cannot be written (read-only home) is kept in memory only."""
-    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context, int8_draft, batch)
+    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context, low_bit, batch)
     key = key_of(setup)
     path = cache_path(key)
     if not refresh:
@@ -284,7 +284,7 @@ def get_cost_table(
         max_tokens,
         context=context,
         repeats=repeats,
-        int8_draft=int8_draft,
+        low_bit=low_bit,
         batch=batch,
     )
     table.setup = setup

@@ -17,7 +17,7 @@ are computed and ignored) and cache view (``kv_bucket``: 256 * 2^j slots, the pe
 what lies past each row's queries), so no graph depends on the round: a round copies its token ids
 and per-row first positions into the static buffers and replays. The cache, the draft head, the
 logits processors and sampling stay outside the graphs. What a graph holds from its capture: the
-cache buffers (allocated at the first prefill, never reallocated), the int8 draft copies active
+cache buffers (allocated at the first prefill, never reallocated), the low-bit draft copies active
 while a layer graph was captured (kept for the process) and the attention implementation.
 
 All graphs share one memory pool, so a graph's outputs may lie where another graph keeps its

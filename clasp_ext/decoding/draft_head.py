@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clasp_ext.decoding.low_bit import Int8Weight, int8_copy
+from clasp_ext.decoding.low_bit import KINDS, low_bit_copy
 
 
 class DraftHead:
-    """``int8``: score the first ``size`` rows on an int8 copy (low_bit.py; the context rows keep
-    the model's weights)."""
+    """``low_bit`` ("int8" / "int4"): score the first ``size`` rows on such a copy (low_bit.py;
+    the context rows keep the model's weights)."""
 
-    def __init__(self, adapter, size: int, int8: bool = False):
+    def __init__(self, adapter, size: int, low_bit: str | None = None):
         self.adapter = adapter
         head = adapter.lm_head
         self.weight = head.weight
@@ -38,9 +38,9 @@ class DraftHead:
         self._extra: list[int] = []
         self._extra_set: set[int] = set()
         self.ids: Tensor | None = None
-        self._int8 = None
-        if int8 and Int8Weight.supports(self.weight):
-            self._int8 = int8_copy(head, self.size)
+        self._low_bit = None
+        if low_bit is not None and KINDS[low_bit].supports(self.weight[: self.size]):
+            self._low_bit = low_bit_copy(head, low_bit, self.size)
         self._rebuild()
 
     def _bias_rows(self):
@@ -49,7 +49,7 @@ class DraftHead:
     @property
     def nbytes(self) -> int:
         """Bytes of the low-bit copy (0 without one)."""
-        return self._int8.nbytes if self._int8 is not None else 0
+        return self._low_bit.nbytes if self._low_bit is not None else 0
 
     def reset(self, context_ids: list[int], eos_ids: list[int]) -> None:
         self._extra, self._extra_set = [], set()
@@ -83,11 +83,11 @@ class DraftHead:
     def logits(self, hidden: Tensor) -> Tensor:
         """Draft logits [..., num_scored] over ``ids`` (the full [..., V] when disabled)."""
         a = self.adapter
-        if not self.enabled and self._int8 is None:
+        if not self.enabled and self._low_bit is None:
             return a.head(hidden)
         normed = a.final_norm(hidden)
-        if self._int8 is not None:
-            x = self._int8(normed)
+        if self._low_bit is not None:
+            x = self._low_bit(normed)
         else:  # a view of the first rows: no copy
             x = F.linear(normed, self.weight[: self.size], self._bias_rows())
         if self._extra:

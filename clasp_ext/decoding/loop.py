@@ -79,7 +79,7 @@ class ClaspDecoder:
         self.config = self.loop.config
         self.device = self.loop.device
         self.draft_head = self.loop.draft_head
-        self.int8_draft = self.loop.int8_draft
+        self.low_bit = self.loop.low_bit
         self.callback = callback
         self.streamer = streamer
         self._sized = False  # the loop's cache is sized at the first prefill
@@ -102,9 +102,9 @@ class ClaspDecoder:
     @property
     def low_bit_bytes(self) -> int:
         """Memory held by the low-bit draft copies (0 without them)."""
-        if self.int8_draft is None:
+        if self.low_bit is None:
             return 0
-        return self.int8_draft.nbytes + self.draft_head.nbytes
+        return self.low_bit.nbytes + self.draft_head.nbytes
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:

@@ -1,43 +1,60 @@
-"""Low-bit copies of the draft's weights (``ClaspConfig(draft_weights="int8")``).
+"""Low-bit copies of the draft's weights (``ClaspConfig(draft_weights="int8" | "int4")``).
 
 A layer-skip draft step reads every weight of the kept layers once per token, so on a
 memory-bound device its cost is their bytes. An int8 copy with one scale per output channel
-halves the bytes of a bf16 weight (quarters fp32), and ``torch._weight_int8pack_mm`` multiplies
-with it directly. Only draft steps use the copies (``Int8Draft.active``): the verify pass, the
-DP and the prefill run the model's own weights, so the output is exactly what it is without them;
-the copies only change what is proposed, and how often it is accepted.
+halves the bytes of a bf16 weight (``torch._weight_int8pack_mm`` multiplies with it directly);
+an int4 copy with a scale and a zero per group of ``INT4_GROUP`` inputs quarters them
+(``torch._weight_int4pack_mm_for_cpu`` on CPUs, the tinygemm kernel ``_weight_int4pack_mm`` on
+CUDA). Only draft steps use the copies (``LowBitDraft.active``): the verify pass, the DP and the
+prefill run the model's own weights, so the output is exactly what it is without them; the
+copies only change what is proposed, and how often it is accepted.
 
 The copies are made per layer the first time the layer is kept by a draft (the skip set can
 change after each DP run), and for the draft head's first ``size`` vocabulary rows
-(``DraftHead``), so memory grows by about half of the kept layers' bf16 bytes; ``nbytes`` says how
-much is held.
+(``DraftHead``); ``nbytes`` says how much is held.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-DRAFT_WEIGHTS = ("auto", "original", "int8")
-# "auto" considers int8 only for layers this large: below it a draft step is bound by per-call
-# overheads, not by weight bytes, and a copy cannot pay (it also keeps tiny test models on one
-# deterministic path).
+LOW_BIT_KINDS = ("int8", "int4")
+DRAFT_WEIGHTS = ("auto", "original", *LOW_BIT_KINDS)
+# "auto" considers low-bit copies only for layers this large: below it a draft step is bound by
+# per-call overheads, not by weight bytes, and a copy cannot pay (it also keeps tiny test models
+# on one deterministic path).
 AUTO_MIN_LAYER_BYTES = 8 << 20
-# ... and takes it when one layer's linears at one token run at least this much faster on it
+# ... and takes int8 when one layer's linears at one token run at least this much faster on it
 AUTO_MIN_SPEEDUP = 1.25
+# ... and int4 over int8 when it runs this much faster again: an int4 draft is accepted a little
+# less often (Qwen2.5-1.5B bf16: 0.79 of draft tokens against 0.82). AMX Xeon: a layer 1.66x
+# faster than int8 (int4 chosen); AVX2 EPYC: 0.83x (int8 chosen).
+AUTO_INT4_OVER_INT8 = 1.2
+# ... timed over this many bytes of consecutive layers (see auto_kind)
+AUTO_MEASURE_BYTES = 512 << 20
 # torch._weight_int8pack_mm on CPU (torch 2.13, AVX-512) returns wrong values or crashes for
 # some inner sizes K that are not a multiple of 16 (bf16, K = 7, 9, 200: relative errors up to
 # 1e13, segfaults), and is right for every multiple of 16 we swept (16..8960, fp32 and bf16, 1-9
 # rows, 1-256 outputs). Such a linear keeps its own weights in the draft; real models' hidden and
 # MLP sizes are multiples of 64.
 K_MULTIPLE = 16
+# int4: inputs per (scale, zero) group. 32 is the most accurate size the kernels take (on random
+# weights 7.8% relative error per linear against 10% at 128, for 18% more bytes; the speed is
+# within 2%, bench/results/README.md). The CPU packing needs N % 16 == 0 (CUDA's N % 8).
+INT4_GROUP = 32
+_INT4_INNER_K_TILES = 2  # CUDA packing: K must be a multiple of 16 x this = 32 = INT4_GROUP
 
 
 class Int8Weight:
     """``x @ w.T (+ b)`` on a per-output-channel symmetric int8 copy of ``w`` [N, K]."""
+
+    kind = "int8"
 
     @staticmethod
     def supports(weight: Tensor) -> bool:
@@ -60,6 +77,10 @@ class Int8Weight:
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
+    def dequantized(self) -> Tensor:
+        """The fp32 weight this copy multiplies by (the tests' reference)."""
+        return self.q.float() * self.scale.float()[:, None]
+
     def __call__(self, x: Tensor) -> Tensor:
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale)
         if self.bias is not None:
@@ -67,46 +88,120 @@ class Int8Weight:
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-# One int8 copy per linear module (and row count) per process, made once: decoders are created
-# per call of ``clasp_ext.generate``, and quantizing the kept layers of a 1.5B model takes seconds.
-# Keyed weakly by the module; remade when its weight tensor is replaced or modified in place.
+def int4_quantize(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit codes of ``weight`` [N, K] per group of ``group`` inputs, in the
+    kernels' (tinygemm) convention ``w = (q - 8) * scale + zero``: codes int32 [N, K] in 0..15,
+    scale and zero fp32 [N, K / group] (the group's minimum maps to code 0, its maximum to 15)."""
+    N, K = weight.shape
+    w = weight.detach().float().reshape(N, K // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
+    return q.reshape(N, K), scale, lo + 8 * scale
+
+
+class Int4Weight:
+    """``x @ w.T (+ b)`` on a group-wise asymmetric int4 copy of ``w`` [N, K]."""
+
+    kind = "int4"
+
+    @staticmethod
+    def supports(weight: Tensor) -> bool:
+        return weight.dim() == 2 and weight.shape[1] % INT4_GROUP == 0 and weight.shape[0] % 16 == 0
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        if not self.supports(weight):
+            raise ValueError(
+                f"clasp_ext: an int4 copy needs a 2-D weight with an inner size that is a "
+                f"multiple of {INT4_GROUP} and an output size that is a multiple of 16, got "
+                f"{tuple(weight.shape)}"
+            )
+        q, scale, zero = int4_quantize(weight)
+        self.cuda = weight.device.type == "cuda"
+        if self.cuda:  # tinygemm: two codes per byte, then its tiled layout
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            self.packed = torch._convert_weight_to_int4pack(pairs, _INT4_INNER_K_TILES)
+        else:
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, _INT4_INNER_K_TILES)
+        # [K / group, N, 2]: each group's (scale, zero) per output, in the activations' dtype
+        self.scale_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+        self.scale_zeros = self.scale_zeros.to(weight.dtype)
+        self.bias = None if bias is None else bias.detach()
+        self.out_features = weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        sz = self.scale_zeros
+        return self.packed.numel() * self.packed.element_size() + sz.numel() * sz.element_size()
+
+    def dequantized(self, codes: Tensor) -> Tensor:
+        """The fp32 weight this copy multiplies by, from its ``codes`` (``int4_quantize``; the
+        packed layout is the kernel's own): the tests' reference."""
+        sz = self.scale_zeros.float().transpose(0, 1)  # [N, K / group, 2]
+        q = codes.float().reshape(sz.shape[0], sz.shape[1], -1)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(codes.shape)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.cuda:
+            y = torch._weight_int4pack_mm(x2, self.packed, INT4_GROUP, self.scale_zeros)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scale_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+KINDS = {"int8": Int8Weight, "int4": Int4Weight}
+
+# One copy per linear module (and kind and row count) per process, made once: decoders are
+# created per call of ``clasp_ext.generate``, and quantizing the kept layers of a 1.5B model
+# takes seconds. Keyed weakly by the module; remade when its weight tensor is replaced or
+# modified in place.
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def int8_copy(linear: nn.Module, rows: int | None = None) -> Int8Weight:
-    """The (cached) int8 copy of ``linear``'s weight (its first ``rows`` rows when given)."""
+def low_bit_copy(linear: nn.Module, kind: str = "int8", rows: int | None = None):
+    """The (cached) ``kind`` copy of ``linear``'s weight (its first ``rows`` rows when given)."""
     w = linear.weight
-    stamp = (rows, w.data_ptr(), w._version, w.dtype, w.device)
+    stamp = (w.data_ptr(), w._version, w.dtype, w.device)
     per_module = _COPIES.setdefault(linear, {})
-    hit = per_module.get(rows)
+    hit = per_module.get((kind, rows))
     if hit is None or hit[0] != stamp:
         bias = getattr(linear, "bias", None)
         if rows is not None:
             w, bias = w[:rows], None if bias is None else bias[:rows]
-        per_module[rows] = hit = (stamp, Int8Weight(w, bias))
+        per_module[(kind, rows)] = hit = (stamp, KINDS[kind](w, bias))
     return hit[1]
 
 
-def int8_linears(layer: nn.Module) -> list[nn.Linear]:
-    """The linears of ``layer`` that get an int8 copy: plain ``nn.Linear`` of a supported shape
-    (subclasses, e.g. quantized or LoRA layers, and other shapes keep their own forward)."""
-    return [m for m in layer.modules() if type(m) is nn.Linear and Int8Weight.supports(m.weight)]
+def low_bit_linears(layer: nn.Module, kind: str = "int8") -> list[nn.Linear]:
+    """The linears of ``layer`` that get a ``kind`` copy: plain ``nn.Linear`` of a supported
+    shape (subclasses, e.g. quantized or LoRA layers, and other shapes keep their own forward)."""
+    cls = KINDS[kind]
+    return [m for m in layer.modules() if type(m) is nn.Linear and cls.supports(m.weight)]
 
 
-_AUTO: dict[tuple, bool] = {}
+_AUTO: dict[tuple, str | None] = {}
 
 
-def int8_pays(layer: nn.Module, repeats: int = 7) -> bool:
-    """draft_weights="auto": whether int8 copies make this decoder layer's linears faster at one
-    token, measured (median of ``repeats`` after a warm-up, copies of this one layer only) once
-    per process for each layer shape, dtype, device and thread count. Where the int8 matmul is
-    missing, the layer is small, or it does not pay (fp32 on CPUs: the int8 kernel is slower than
-    an fp32 GEMV there), False."""
-    from clasp_ext.timing import median_time
+def auto_kind(layers, repeats: int = 7) -> str | None:
+    """draft_weights="auto": which copy makes the decoder layers' linears fastest at one token,
+    measured (median of ``repeats`` after a warm-up) once per process for each layer shape,
+    dtype, device and thread count: "int4" where it runs at least ``AUTO_INT4_OVER_INT8`` x faster
+    than int8, else "int8" where that runs ``AUTO_MIN_SPEEDUP`` x faster than the model's weights,
+    else None (the layers are small, the kernels are missing, or neither pays: fp32 on CPUs,
+    where an fp32 GEMV is as fast as the int8 kernel).
 
-    linears = int8_linears(layer)
+    Each timing runs the first layers of ``layers`` that hold ``AUTO_MEASURE_BYTES`` of weights
+    in turn, as a draft step does: one layer alone can sit in a large last-level cache (an int4
+    Qwen2.5-1.5B layer is 29 MB), which favours whichever copy fits."""
+    from clasp_ext.timing import median_times
+
+    layers = list(layers)
+    linears = low_bit_linears(layers[0]) if layers else []
     if not linears:
-        return False
+        return None
     w0 = linears[0].weight
     key = (
         tuple(tuple(m.weight.shape) for m in linears),
@@ -114,62 +209,83 @@ def int8_pays(layer: nn.Module, repeats: int = 7) -> bool:
         str(w0.device),
         torch.get_num_threads(),
     )
-    if key not in _AUTO:
-        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        ok = nbytes >= AUTO_MIN_LAYER_BYTES
-        if ok:
+    if key in _AUTO:
+        return _AUTO[key]
+    layer_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    used = layers[: max(1, min(len(layers), -(-AUTO_MEASURE_BYTES // layer_bytes)))]
+    linears = [m for layer in used for m in low_bit_linears(layer)]
+    times: dict[str | None, float] = {}
+    if layer_bytes >= AUTO_MIN_LAYER_BYTES:
+        xs = {
+            id(m): torch.randn(1, m.in_features, dtype=w0.dtype, device=w0.device) for m in linears
+        }
+        runs = {
+            None: [
+                (functools.partial(F.linear, weight=m.weight, bias=m.bias), xs[id(m)])
+                for m in linears
+            ]
+        }
+        for kind in LOW_BIT_KINDS:
             try:
-                check_supported(w0.device, w0.dtype)
+                check_supported(kind, w0.device, w0.dtype)
             except ValueError:
-                ok = False
-        if ok:
-            copies = [int8_copy(m) for m in linears]  # the draft reuses them if int8 pays
-            xs = [torch.randn(1, m.in_features, dtype=w0.dtype, device=w0.device) for m in linears]
+                continue
+            ms = [m for layer in used for m in low_bit_linears(layer, kind)]
+            runs[kind] = [(low_bit_copy(m, kind), xs[id(m)]) for m in ms]  # reused if chosen
+        with torch.inference_mode():
+            times = median_times(
+                {kind: functools.partial(_run_all, calls) for kind, calls in runs.items()},
+                w0.device,
+                repeats,
+            )
+    choice = None
+    if "int8" in times and times[None] >= AUTO_MIN_SPEEDUP * times["int8"]:
+        choice = "int8"
+    if (
+        "int4" in times
+        and times[choice] >= (AUTO_INT4_OVER_INT8 if choice else AUTO_MIN_SPEEDUP) * times["int4"]
+    ):
+        choice = "int4"
+    for m in linears:  # free the copies not chosen
+        for k in [k for k in _COPIES.get(m, {}) if k[0] != choice]:
+            _COPIES[m].pop(k)
+    _AUTO[key] = choice
+    return choice
 
-            def original():
-                for m, x in zip(linears, xs, strict=True):
-                    torch.nn.functional.linear(x, m.weight, m.bias)
 
-            def int8():
-                for q, x in zip(copies, xs, strict=True):
-                    q(x)
-
-            with torch.inference_mode():
-                t_orig = median_time(original, w0.device, repeats, warmup=1)
-                t_int8 = median_time(int8, w0.device, repeats, warmup=1)
-            ok = t_orig >= AUTO_MIN_SPEEDUP * t_int8
-            if not ok:  # not used: free them
-                for m in linears:
-                    _COPIES.pop(m, None)
-        _AUTO[key] = ok
-    return _AUTO[key]
+def _run_all(calls) -> None:
+    for f, x in calls:
+        f(x)
 
 
-def check_supported(device: torch.device, dtype: torch.dtype) -> None:
-    """Raises ValueError when this torch has no int8 weight matmul for the device / dtype."""
+def check_supported(kind: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raises ValueError when this torch has no ``kind`` weight matmul for the device / dtype."""
     try:
-        w = Int8Weight(torch.ones(8, 32, device=device, dtype=dtype))
+        w = KINDS[kind](torch.ones(16, 32, device=device, dtype=dtype))
         w(torch.ones(1, 32, device=device, dtype=dtype))
     except (RuntimeError, NotImplementedError) as e:
+        op = "_weight_int8pack_mm" if kind == "int8" else "_weight_int4pack_mm(_for_cpu)"
         raise ValueError(
-            f"clasp_ext: draft_weights='int8' needs torch._weight_int8pack_mm for {dtype} on "
+            f"clasp_ext: draft_weights={kind!r} needs torch.{op} for {dtype} on "
             f"{device.type}, which this torch ({torch.__version__}) lacks: {e}. Use "
             "draft_weights='original'"
         ) from None
 
 
-class Int8Draft:
-    """int8 copies of every ``nn.Linear`` of the decoder layers a draft keeps, swapped in for
+class LowBitDraft:
+    """``kind`` copies of every ``nn.Linear`` of the decoder layers a draft keeps, swapped in for
     the duration of ``active(skip)`` (an instance ``forward`` on each linear; removed after, so
     the model object is unchanged outside a draft)."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, kind: str = "int8"):
         self.layers = layers
+        self.kind = kind
         self._copies: dict[int, list] = {}  # layer index -> [(linear, forward over the copy)]
 
     def _layer(self, i: int) -> list:
         if i not in self._copies:
-            self._copies[i] = [(m, int8_copy(m)) for m in int8_linears(self.layers[i])]
+            linears = low_bit_linears(self.layers[i], self.kind)
+            self._copies[i] = [(m, low_bit_copy(m, self.kind)) for m in linears]
         return self._copies[i]
 
     def prepare(self, skip: list[bool]) -> None:
@@ -198,12 +314,13 @@ class Int8Draft:
                 mod.__dict__.pop("forward", None)
 
 
-def int8_draft_for(adapter, draft_weights: str, num_skip: int) -> Int8Draft | None:
+def low_bit_draft_for(adapter, draft_weights: str, num_skip: int) -> LowBitDraft | None:
     """The draft's low-bit copies for ``ClaspConfig.draft_weights`` (None: the model's weights).
-    "int8" is refused where this torch has no kernel; "auto" measures (``int8_pays``)."""
-    if draft_weights == "int8":
-        check_supported(adapter.device, adapter.dtype)
-        return Int8Draft(adapter.layers)
-    if draft_weights == "auto" and num_skip > 0 and int8_pays(adapter.layers[0]):
-        return Int8Draft(adapter.layers)
+    "int8" / "int4" are refused where this torch has no kernel; "auto" measures (``auto_kind``)."""
+    if draft_weights in KINDS:
+        check_supported(draft_weights, adapter.device, adapter.dtype)
+        return LowBitDraft(adapter.layers, draft_weights)
+    if draft_weights == "auto" and num_skip > 0:
+        kind = auto_kind(adapter.layers)
+        return None if kind is None else LowBitDraft(adapter.layers, kind)
     return None
