@@ -90,9 +90,10 @@ class ClaspConfig:
     policy: str = "cost"
     # "int8" / "int4": draft steps run on low-bit copies of the kept layers' linear weights and of
     # the draft head (low_bit.py); verify keeps the model's weights, so the output is unchanged.
-    # "auto" (low_bit.auto_kind): int4 where one layer's linears at one token measured >= 1.2x
-    # faster with it than with int8 (bf16 on the AMX Xeon: 1.66x), else int8 where that measured
-    # >= 1.25x faster than the model's weights (bf16 on AVX-512 / AVX2 CPUs), else the weights.
+    # "auto" (low_bit.auto_kind): int4 where the first layers' linears at one token measured
+    # >= 1.2x faster with it than with int8 (bf16 on the AMX Xeon: 1.5x), else int8 where that
+    # measured >= 1.25x faster than the model's weights (bf16 on the AVX2 EPYC), else the weights
+    # (fp32 on the AMX Xeon: both kernels slower than fp32).
     draft_weights: str = "auto"
     # batches only: how the rows' skip sets become the one the batch drafts with (BATCH_SKIP_RULES)
     batch_skip_rule: str = "vote"

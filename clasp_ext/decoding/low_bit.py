@@ -33,8 +33,9 @@ AUTO_MIN_LAYER_BYTES = 8 << 20
 # ... and takes int8 when one layer's linears at one token run at least this much faster on it
 AUTO_MIN_SPEEDUP = 1.25
 # ... and int4 over int8 when it runs this much faster again: an int4 draft is accepted a little
-# less often (Qwen2.5-1.5B bf16: 0.79 of draft tokens against 0.82). AMX Xeon: a layer 1.66x
-# faster than int8 (int4 chosen); AVX2 EPYC: 0.83x (int8 chosen).
+# less often (Qwen2.5-1.5B bf16, one run of 6 prompts: 0.79 of draft tokens against 0.81).
+# bench/bench_low_bit.py: AMX Xeon bf16, int4 1.5x faster than int8 (int4 chosen); on the AVX2
+# EPYC int4 was 0.83x of int8's speed (../shared/research/quantized_draft.md; int8 chosen).
 AUTO_INT4_OVER_INT8 = 1.2
 # ... timed over this many bytes of consecutive layers (see auto_kind)
 AUTO_MEASURE_BYTES = 512 << 20
@@ -45,8 +46,9 @@ AUTO_MEASURE_BYTES = 512 << 20
 # MLP sizes are multiples of 64.
 K_MULTIPLE = 16
 # int4: inputs per (scale, zero) group. 32 is the most accurate size the kernels take (on random
-# weights 7.8% relative error per linear against 10% at 128, for 18% more bytes; the speed is
-# within 2%, bench/results/README.md). The CPU packing needs N % 16 == 0 (CUDA's N % 8).
+# weights 7.8% relative error per linear against 10% at 128, for 18% more bytes; speed within 2%
+# on the AVX2 EPYC: ../shared/research/quantized_draft.md). The CPU packing needs N % 16 == 0
+# (CUDA's N % 8).
 INT4_GROUP = 32
 _INT4_INNER_K_TILES = 2  # CUDA packing: K must be a multiple of 16 x this = 32 = INT4_GROUP
 
@@ -186,18 +188,9 @@ _AUTO: dict[tuple, str | None] = {}
 
 
 def auto_kind(layers, repeats: int = 7) -> str | None:
-    """draft_weights="auto": which copy makes the decoder layers' linears fastest at one token,
-    measured (median of ``repeats`` after a warm-up) once per process for each layer shape,
-    dtype, device and thread count: "int4" where it runs at least ``AUTO_INT4_OVER_INT8`` x faster
-    than int8, else "int8" where that runs ``AUTO_MIN_SPEEDUP`` x faster than the model's weights,
-    else None (the layers are small, the kernels are missing, or neither pays: fp32 on CPUs,
-    where an fp32 GEMV is as fast as the int8 kernel).
-
-    Each timing runs the first layers of ``layers`` that hold ``AUTO_MEASURE_BYTES`` of weights
-    in turn, as a draft step does: one layer alone can sit in a large last-level cache (an int4
-    Qwen2.5-1.5B layer is 29 MB), which favours whichever copy fits."""
-    from clasp_ext.timing import median_times
-
+    """draft_weights="auto": which copy makes the decoder layers' linears fastest at one token
+    (``choose_kind`` over ``measure_kinds``), measured once per process for each layer shape,
+    dtype, device and thread count; the copies of the kinds not chosen are freed."""
     layers = list(layers)
     linears = low_bit_linears(layers[0]) if layers else []
     if not linears:
@@ -209,35 +202,21 @@ def auto_kind(layers, repeats: int = 7) -> str | None:
         str(w0.device),
         torch.get_num_threads(),
     )
-    if key in _AUTO:
-        return _AUTO[key]
-    layer_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    used = layers[: max(1, min(len(layers), -(-AUTO_MEASURE_BYTES // layer_bytes)))]
-    linears = [m for layer in used for m in low_bit_linears(layer)]
-    times: dict[str | None, float] = {}
-    if layer_bytes >= AUTO_MIN_LAYER_BYTES:
-        xs = {
-            id(m): torch.randn(1, m.in_features, dtype=w0.dtype, device=w0.device) for m in linears
-        }
-        runs = {
-            None: [
-                (functools.partial(F.linear, weight=m.weight, bias=m.bias), xs[id(m)])
-                for m in linears
-            ]
-        }
-        for kind in LOW_BIT_KINDS:
-            try:
-                check_supported(kind, w0.device, w0.dtype)
-            except ValueError:
-                continue
-            ms = [m for layer in used for m in low_bit_linears(layer, kind)]
-            runs[kind] = [(low_bit_copy(m, kind), xs[id(m)]) for m in ms]  # reused if chosen
-        with torch.inference_mode():
-            times = median_times(
-                {kind: functools.partial(_run_all, calls) for kind, calls in runs.items()},
-                w0.device,
-                repeats,
-            )
+    if key not in _AUTO:
+        choice = choose_kind(measure_kinds(layers, repeats))
+        for m in (m for layer in _measured_layers(layers) for m in low_bit_linears(layer)):
+            for k in [k for k in _COPIES.get(m, {}) if k[0] != choice]:
+                _COPIES[m].pop(k)
+        _AUTO[key] = choice
+    return _AUTO[key]
+
+
+def choose_kind(times: dict) -> str | None:
+    """The rule over ``measure_kinds``' times: "int4" where it runs at least
+    ``AUTO_INT4_OVER_INT8`` x faster than int8 (or ``AUTO_MIN_SPEEDUP`` x faster than the model's
+    weights where int8 does not pay), else "int8" where that runs ``AUTO_MIN_SPEEDUP`` x faster
+    than the model's weights, else None (the layers are small, the kernels are missing, or
+    neither pays: fp32 on CPUs, where an fp32 GEMV is faster than either kernel)."""
     choice = None
     if "int8" in times and times[None] >= AUTO_MIN_SPEEDUP * times["int8"]:
         choice = "int8"
@@ -246,11 +225,52 @@ def auto_kind(layers, repeats: int = 7) -> str | None:
         and times[choice] >= (AUTO_INT4_OVER_INT8 if choice else AUTO_MIN_SPEEDUP) * times["int4"]
     ):
         choice = "int4"
-    for m in linears:  # free the copies not chosen
-        for k in [k for k in _COPIES.get(m, {}) if k[0] != choice]:
-            _COPIES[m].pop(k)
-    _AUTO[key] = choice
     return choice
+
+
+def _measured_layers(layers: list) -> list:
+    """The first of ``layers`` that hold ``AUTO_MEASURE_BYTES`` of linear weights (at least one)."""
+    layer_bytes = sum(
+        m.weight.numel() * m.weight.element_size() for m in low_bit_linears(layers[0])
+    )
+    return layers[: max(1, min(len(layers), -(-AUTO_MEASURE_BYTES // max(layer_bytes, 1))))]
+
+
+def measure_kinds(layers, repeats: int = 7) -> dict:
+    """Median seconds of one token through the linears of the first decoder layers of ``layers``
+    holding ``AUTO_MEASURE_BYTES`` (one after another, as a draft step runs them: one layer alone
+    can sit in a large last-level cache, an int4 Qwen2.5-1.5B layer is 29 MB, which favours
+    whichever copy fits) on the model's weights (key None) and on each low-bit kind this torch
+    has a kernel for, interleaved (``timing.median_times``). Empty where a layer's weights are
+    under ``AUTO_MIN_LAYER_BYTES``. The copies it makes stay cached (``low_bit_copy``)."""
+    from clasp_ext.timing import median_times
+
+    layers = list(layers)
+    linears = low_bit_linears(layers[0]) if layers else []
+    if sum(m.weight.numel() * m.weight.element_size() for m in linears) < AUTO_MIN_LAYER_BYTES:
+        return {}
+    used = _measured_layers(layers)
+    linears = [m for layer in used for m in low_bit_linears(layer)]
+    w0 = linears[0].weight
+    xs = {id(m): torch.randn(1, m.in_features, dtype=w0.dtype, device=w0.device) for m in linears}
+    runs = {
+        None: [
+            (functools.partial(F.linear, weight=m.weight, bias=m.bias), xs[id(m)]) for m in linears
+        ]
+    }
+    for kind in LOW_BIT_KINDS:
+        try:
+            check_supported(kind, w0.device, w0.dtype)
+        except ValueError:
+            continue
+        ms = [m for layer in used for m in low_bit_linears(layer, kind)]
+        runs[kind] = [(low_bit_copy(m, kind), xs[id(m)]) for m in ms]
+    with torch.inference_mode():
+        return median_times(
+            {kind: functools.partial(_run_all, calls) for kind, calls in runs.items()},
+            w0.device,
+            repeats,
+        )
 
 
 def _run_all(calls) -> None:
