@@ -177,6 +177,7 @@ BUILTIN = {
     "clasp-int8": (_run_clasp, {"draft_weights": "int8"}),  # drafts on int8 weight copies
     "clasp-int4": (_run_clasp, {"draft_weights": "int4"}),  # drafts on int4 weight copies
     "clasp-layerskip": (_run_clasp, {"lookup_ngram": 0}),  # layer-skip drafts alone
+    "clasp-chain": (_run_clasp, {"draft_branches": 0}),  # no siblings: chain drafts only
     "clasp-static": (_run_clasp, {"skip_strategy": "static"}),
     "clasp-importance": (_run_clasp, {"skip_strategy": "importance"}),
     "clasp-random": (_run_clasp, {"skip_strategy": "random"}),

@@ -1,6 +1,7 @@
 """Summaries of the end-to-end benchmark's per-prompt records: per method and category group, and
-overall. Speedup is the geometric mean over prompts of (ar wall time / method wall time), the
-two measured back to back in one process; tokens/s is total new tokens over total wall time."""
+overall. Speedup is the geometric mean over prompts of ar's seconds per new token over the
+method's (``speedup``: the wall-time ratio where the outputs are equal), the two measured back to
+back in one process; tokens/s is total new tokens over total wall time."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ def _geomean(xs):
 
 def _ratio(a, b):
     return a / b if b else float("nan")
+
+
+def speedup(ar: dict, method: dict) -> float:
+    """A method's speedup over ``ar`` on one prompt (records with ``wall_s`` and
+    ``num_new_tokens``): ar's seconds per new token over the method's. The wall-time ratio where
+    the outputs are equal; where a near-tie made them differ in length (one stopping at an EOS
+    the other passed), the same work per token instead of more tokens counted as slower."""
+    per_token = lambda r: r["wall_s"] / max(1, r["num_new_tokens"])  # noqa: E731
+    return per_token(ar) / per_token(method)
 
 
 def summarize(records: list[dict], methods: list[str], groups: list[str]) -> list[dict]:
@@ -34,7 +44,7 @@ def summarize(records: list[dict], methods: list[str], groups: list[str]) -> lis
             recs = [p[m] for p in prompts if m in p]
             if not recs:
                 continue
-            pairs = [(p["ar"]["wall_s"], p[m]["wall_s"]) for p in prompts if m in p and "ar" in p]
+            ratios = [speedup(p["ar"], p[m]) for p in prompts if m in p and "ar" in p]
             tokens = sum(r["num_new_tokens"] for r in recs)
             wall = sum(r["wall_s"] for r in recs)
 
@@ -59,9 +69,9 @@ def summarize(records: list[dict], methods: list[str], groups: list[str]) -> lis
                     prompts=len(recs),
                     tokens=tokens,
                     tokens_per_s=_ratio(tokens, wall),
-                    speedup=_geomean([a / b for a, b in pairs]) if pairs else float("nan"),
-                    speedup_min=min((a / b for a, b in pairs), default=float("nan")),
-                    speedup_max=max((a / b for a, b in pairs), default=float("nan")),
+                    speedup=_geomean(ratios) if ratios else float("nan"),
+                    speedup_min=min(ratios, default=float("nan")),
+                    speedup_max=max(ratios, default=float("nan")),
                     tau=_ratio(round_tokens, rounds) if rounds else None,
                     acceptance=_ratio(accepted, drafted) if drafted else None,
                     draft_share=share("draft"),

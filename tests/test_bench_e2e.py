@@ -39,6 +39,17 @@ def rec(qid, group, method, wall, tokens=10, rounds=None, drafted=None, accepted
     return r
 
 
+def test_speedup_is_per_new_token_where_a_near_tie_changed_the_length():
+    """Equal outputs: the wall-time ratio. A method that passed ar's EOS at a near-tie and wrote
+    twice the tokens in the same time is twice as fast per token, not level."""
+    ar = rec(1, "qa", "ar", 2.0, tokens=10)
+    assert e2e_report.speedup(ar, rec(1, "qa", "clasp", 1.0, tokens=10)) == pytest.approx(2.0)
+    longer = rec(1, "qa", "clasp", 2.0, tokens=20, eq=False)
+    assert e2e_report.speedup(ar, longer) == pytest.approx(2.0)
+    rows = e2e_report.summarize([ar, longer], ["ar", "clasp"], ["qa"])
+    assert {(r["group"], r["method"]): r["speedup"] for r in rows}[("qa", "clasp")] == 2.0
+
+
 def test_summary_speedup_is_the_geometric_mean_of_per_prompt_ratios():
     records = [
         rec(1, "qa", "ar", 2.0),

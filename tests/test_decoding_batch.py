@@ -431,7 +431,7 @@ def test_batch_draft_stops_when_no_row_goes_on(monkeypatch):
     def fake_step(config, forward, head, tokens, start, cache, skip, gens, **kw):
         j = len(calls)
         calls.append(j)
-        return torch.full((2, 1), 3 + j), None, torch.tensor([top1[0][j], top1[1][j]])
+        return torch.full((2, 1), 3 + j), None, torch.tensor([top1[0][j], top1[1][j]]), None
 
     monkeypatch.setattr(batch, "draft_step", fake_step)
     t0, starts = dec._last[:2], dec._lens[:2].clone()
@@ -439,7 +439,7 @@ def test_batch_draft_stops_when_no_row_goes_on(monkeypatch):
     def steps(rows, allowed):
         top1[0], top1[1] = rows
         calls.clear()
-        drafts, _ = dec._draft(t0, starts, 20, 4, [[], []], None, allowed=allowed)
+        drafts, _, _ = dec._draft(t0, starts, 20, 4, [[], []], None, allowed=allowed)
         assert drafts.shape == (2, len(calls))
         return len(calls)
 

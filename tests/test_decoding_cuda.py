@@ -89,7 +89,7 @@ def test_greedy_equals_generate(family, dtype, setting):
         assert_lossless(model, got, want, T)
         s = out.stats
         assert s.new_tokens == n_new
-        assert s.round_tokens == s.accepted + s.rounds == n_new - 1
+        assert s.round_tokens == s.accepted + s.branch_hits + s.rounds == n_new - 1
         assert 0 <= s.accepted <= s.drafted
         assert s.skip_layers and all(0 <= i < 6 for i in s.skip_layers)
 
@@ -123,7 +123,7 @@ def test_sampling_runs_and_emits_allowed_tokens(family):
     allowed = probs.gather(1, new[:, None])[:, 0]
     assert bool((allowed > 0).all()), f"tokens outside top-k/top-p at {torch.nonzero(allowed == 0)}"
     s = out.stats
-    assert s.new_tokens == n_new and s.round_tokens == s.accepted + s.rounds
+    assert s.new_tokens == n_new and s.round_tokens == s.accepted + s.branch_hits + s.rounds
     assert s.drafted > 0 and 0 <= s.accepted <= s.drafted
     # a fixed seed replays the same tokens
     assert torch.equal(generate(model, ids, **kw).sequences, seq)

@@ -94,7 +94,7 @@ def test_greedy_equals_generate(family, setting, policy):
         s = out.stats
         assert s.new_tokens == n_new
         assert s.round_tokens == n_new - 1
-        assert s.round_tokens == s.accepted + s.rounds
+        assert s.round_tokens == s.accepted + s.branch_hits + s.rounds
         # a lookup draft may be longer than max_draft (up to max_lookup)
         assert 0 <= s.accepted <= s.drafted <= max(max_draft, DEFAULT_MAX_LOOKUP) * s.rounds
         if M:

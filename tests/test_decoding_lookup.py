@@ -109,7 +109,7 @@ def test_greedy_lossless_with_lookup_drafts(family, policy):
     s = out.stats
     if policy == "fixed":  # "cost" may judge the layer-skip draft the better one
         assert s.lookup_rounds >= 1  # the prompt's repeated segment matched at the first round
-    assert s.round_tokens == s.accepted + s.rounds
+    assert s.round_tokens == s.accepted + s.branch_hits + s.rounds
 
 
 def test_lookup_ngram_is_validated():

@@ -196,7 +196,7 @@ def test_cost_policy_is_lossless(family):
         assert_lossless(model, out.sequences[0].tolist(), want, ids.shape[1])
         s = out.stats
         assert s.plain_rounds + s.lookup_rounds + s.layer_skip_rounds == s.rounds
-        assert s.round_tokens == s.accepted + s.rounds
+        assert s.round_tokens == s.accepted + s.branch_hits + s.rounds
         assert sum(s.lookup_lengths.values()) == s.lookup_rounds
         assert sum(s.layer_skip_lengths.values()) == s.layer_skip_rounds
         if table is LINEAR:  # nothing can pay: plain steps only, and no DP was run

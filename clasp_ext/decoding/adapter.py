@@ -402,6 +402,7 @@ class ModelAdapter:
         skip: list[bool] | None = None,
         keep_hidden: str | None = None,
         kv_len: int | None = None,
+        tree=None,
     ) -> tuple[Tensor, list[Tensor]]:
         """The one layer-by-layer forward: ``ids`` [B, T] at positions ``start .. start + T - 1``
         over cache slots [0, start) (writing [start, start + T)), running the layers not marked in
@@ -412,12 +413,16 @@ class ModelAdapter:
         Ragged batches (batch.py): ``start`` a device tensor [B] of per-row positions, and
         ``kv_len`` > every row's last position: row b's queries sit at ``start[b] ..`` and see its
         own slots up to themselves (``row_masks``). Those masks are arbitrary 4-D masks, so a
-        flash-attention model runs this call through sdpa (``masked_attention``)."""
-        h, pos_ids, pe, masks = self.forward_inputs(ids, start, kv_len)
+        flash-attention model runs this call through sdpa (``masked_attention``).
+
+        A token tree (``tree``, branches.TokenTree; one sequence, int ``start``): node t sits at
+        position ``start + tree.depth[t]`` in slot ``start + t`` and sees slots [0, start) and
+        the nodes ``tree.visible[t]`` marks (``tree_masks``), through ``masked_attention``."""
+        h, pos_ids, pe, masks = self.forward_inputs(ids, start, kv_len, tree)
         cache.set_write(start, kv_len)
         keep = (lambda x: x) if keep_hidden == "all" else (lambda x: x[:, -1:])
         hs = [keep(h)] if keep_hidden else []
-        with self.layer_attention(start):
+        with self.layer_attention(start, tree is not None):
             for i in range(self.num_layers):
                 if skip is None or not skip[i]:
                     h = self.run_layer(i, h, pos_ids, pe, masks, cache)
@@ -425,14 +430,21 @@ class ModelAdapter:
                     hs.append(keep(h))
         return h, hs
 
-    def forward_inputs(self, ids: Tensor, start: int | Tensor, kv_len: int | None = None):
+    def forward_inputs(
+        self, ids: Tensor, start: int | Tensor, kv_len: int | None = None, tree=None
+    ):
         """What every layer of ``forward`` reads besides the cache: (h_0 [B, T, d], position ids
         [B, T], rotary embeddings per layer type, masks per window). cuda_graphs.py captures this
         and each layer separately, so a draft replays any skip set layer by layer."""
         T = ids.shape[1]
         steps = torch.arange(T, device=ids.device)  # a kernel, not a host copy
         h = self.embed(ids)
-        if isinstance(start, Tensor):
+        if tree is not None:
+            if isinstance(start, Tensor) or T != tree.depth.shape[0]:
+                raise ValueError("clasp_ext: a token tree needs one sequence and one id per node")
+            pos_ids = (start + tree.depth)[None]
+            masks = self.tree_masks(start, tree.depth, tree.visible)
+        elif isinstance(start, Tensor):
             pos_ids = start[:, None].long() + steps
             masks = self.row_masks(pos_ids, kv_len)
         else:
@@ -440,12 +452,12 @@ class ModelAdapter:
             masks = self.causal_masks(pos_ids[0], start + T)
         return h, pos_ids, self.position_embeddings(h, pos_ids), masks
 
-    def layer_attention(self, start: int | Tensor):
+    def layer_attention(self, start: int | Tensor, tree: bool = False):
         """The attention context the layers of a forward at ``start`` run in: ragged batches'
-        per-row masks need ``masked_attention``; a one-sequence forward runs an sdpa model's
-        layers with the packed grouped-query sdpa too (attention.py: no K/V copy per query head),
-        a flash model's with flash attention."""
-        if isinstance(start, Tensor):
+        per-row masks and token trees need ``masked_attention``; a one-sequence forward runs an
+        sdpa model's layers with the packed grouped-query sdpa too (attention.py: no K/V copy
+        per query head), a flash model's with flash attention."""
+        if tree or isinstance(start, Tensor):
             return self.masked_attention()
         return self._attention(self.forward_attn_implementation)
 
@@ -492,6 +504,23 @@ class ModelAdapter:
             if w is not None:
                 allowed = allowed & (slots > q - w)
             masks[w] = self._to_attn_mask(allowed, self.masked_attn_implementation)[0, 0][:, None]
+        return masks
+
+    def tree_masks(self, start: int, depth: Tensor, visible: Tensor) -> dict[int | None, Tensor]:
+        """Masks [1, 1, T, start + T] for a token tree in slots [start, start + T): node t (at
+        position start + depth[t]) sees the slots before ``start`` within its window and the
+        nodes ``visible`` [T, T] marks (its ancestors and itself; a tree is a few tokens deep,
+        never wider than a window). For ``masked_attn_implementation``."""
+        T = depth.shape[0]
+        slots = torch.arange(start, device=depth.device)
+        q = (start + depth)[:, None]
+        masks = {}
+        for w in set(self.windows):
+            past = (slots[None, :] < q).expand(T, start)
+            if w is not None:
+                past = past & (slots[None, :] > q - w)
+            allowed = torch.cat([past, visible], 1)
+            masks[w] = self._to_attn_mask(allowed, self.masked_attn_implementation)
         return masks
 
     def candidate_masks(

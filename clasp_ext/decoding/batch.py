@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from clasp_ext.decoding import branches
 from clasp_ext.decoding.adapter import ModelAdapter
 from clasp_ext.decoding.config import ClaspConfig
 from clasp_ext.decoding.cost_model import CostTable, get_cost_table
@@ -71,6 +72,7 @@ from clasp_ext.decoding.phases import (
     first_token,
 )
 from clasp_ext.decoding.policy import (
+    BRANCH,
     LAYER_SKIP,
     LOOKUP,
     PLAIN,
@@ -272,13 +274,16 @@ class BatchDecoder:
             return first + j, self._row0, None
         return starts + j, self.cache, kv_len + j
 
-    def _forward(self, ids: Tensor, start, cache, skip=None, kv_len=None, keep_hidden=None):
+    def _forward(
+        self, ids: Tensor, start, cache, skip=None, kv_len=None, keep_hidden=None, tree=None
+    ):
         """A round's forward over the live rows (adapter.forward, with per-row starts or one
-        row's int position, see ``_at``), replayed from CUDA graphs where captured (a forward
-        that keeps the hidden states for a skip-set search runs eagerly)."""
+        row's int position, see ``_at``; a token ``tree`` on one row), replayed from CUDA graphs
+        where captured (a forward that keeps the hidden states for a skip-set search runs
+        eagerly)."""
         if self.graphs is None or keep_hidden or not isinstance(start, Tensor):
             return self.adapter.forward(
-                ids, start, cache, skip=skip, kv_len=kv_len, keep_hidden=keep_hidden
+                ids, start, cache, skip=skip, kv_len=kv_len, keep_hidden=keep_hidden, tree=tree
             )
         return self.graphs.forward(ids, start, cache, skip=skip, kv_len=kv_len)
 
@@ -597,13 +602,15 @@ class BatchDecoder:
         forward=True,
         allowed: list[int] | None = None,
         n0: int = 0,
+        alternatives: int = 0,
     ):
         """k draft tokens per row [B, k] (and their proposals q [B, k, V] when sampling): a row's
         ``looked`` tokens first, then (``forward``) layer-skip draft tokens, scored by the rows'
         logits processors after their ``contexts`` (None: no row has one). The draft stops early
         once no row goes on: a row stops at its first draft token below the exit threshold or
         EOS, and at its ``allowed`` length (a row near its end). ``n0``: row 0's committed
-        length (the one-row forward's position, ``_at``)."""
+        length (the one-row forward's position, ``_at``). Greedy with ``alternatives`` = w,
+        also the draft's next w tokens at each step [B, k, w] (branches.py), else None."""
         c, a, dh = self.config, self.adapter, self.draft_head
         B = t0.shape[0]
         lk = torch.zeros(B, k, dtype=torch.long)
@@ -615,8 +622,8 @@ class BatchDecoder:
         V = a.vocab_size
         if not forward or all(len(x) >= k for x in looked):  # no draft forward
             q = None if c.greedy else torch.nn.functional.one_hot(lk, V).to(torch.float32)
-            return lk, q
-        drafts, qs, tok = [], [], t0
+            return lk, q, None
+        drafts, qs, alts, tok = [], [], [], t0
         gens = [s.generator for s in self.rows]
         proc = None
         if contexts is not None:
@@ -638,7 +645,7 @@ class BatchDecoder:
         with weights:
             for j in range(k):
                 start, cache, kv_len = self._at(starts, n0, kv0, j)
-                nxt, q, top1 = draft_step(
+                nxt, q, top1, alt = draft_step(
                     c,
                     self._forward,
                     dh,
@@ -650,8 +657,11 @@ class BatchDecoder:
                     kv_len=kv_len,
                     processor=proc,
                     want_top1=thr > 0,
+                    alternatives=alternatives,
                 )
                 self.stats.draft_steps += 1
+                if alt is not None:
+                    alts.append(alt)
                 if q is not None:  # a looked-up token's proposal is a point mass
                     one_hot = torch.nn.functional.one_hot(lk[:, j], V).to(q.dtype)
                     qs.append(torch.where(has[:, j, None], one_hot, q))
@@ -663,7 +673,8 @@ class BatchDecoder:
                     alive &= sure & (j + 1 < allowed_t)
                     if not self._read(alive.any()):
                         break
-        return torch.cat(drafts, 1), (torch.stack(qs, 1) if qs else None)
+        qs = torch.stack(qs, 1) if qs else None
+        return torch.cat(drafts, 1), qs, (torch.stack(alts, 1) if alts else None)
 
     @torch.no_grad()
     def step(self) -> list[Finished]:
@@ -693,11 +704,11 @@ class BatchDecoder:
         kind, k = self._choose(B, caps, looked, sources)
         contexts = [self._context(s) for s in rows] if self._processing else None
         steps0 = self.stats.draft_steps
-        q = None
+        q = tree = None
         if kind == LOOKUP:  # the rows' own matches only
             looked = [(t[:k], m) for t, m in looked]
             num = allowed = [len(t) for t, _ in looked]
-            drafts, q = self._draft(
+            drafts, q, _ = self._draft(
                 t0, starts, kv0, k, [t for t, _ in looked], contexts, forward=False, n0=n[0]
             )
         elif kind == LAYER_SKIP:
@@ -705,9 +716,14 @@ class BatchDecoder:
             # the cascade: a row's 2- and 3-gram matches go first (a 1-gram match is mostly
             # wrong where text does not copy its context, and would displace the draft)
             prefix = [t[:m] if ng >= 2 else [] for (t, ng), m in zip(looked, num, strict=True)]
-            drafts, q = self._draft(t0, starts, kv0, k, prefix, contexts, allowed=allowed, n0=n[0])
+            width = self._branch_limit(B, contexts)
+            drafts, q, alts = self._draft(
+                t0, starts, kv0, k, prefix, contexts, allowed=allowed, n0=n[0], alternatives=width
+            )
             k = drafts.shape[1]  # the exit threshold may have stopped it early
             num = [min(x, k) for x in num]
+            if alts is not None:
+                tree = self._tree(alts, len(prefix[0]), k, n[0], self.stats.draft_steps - steps0)
         else:
             num = allowed = [0] * B
             drafts = t0.new_zeros(B, 0)
@@ -716,12 +732,14 @@ class BatchDecoder:
         # the rows that search their skip set after this round need the verify's hidden states
         searching = [self._searches(s, self.policy is None or kind == LAYER_SKIP) for s in rows]
         start, cache, kv_len = self._at(starts, n[0], kv0 + k, 0)
+        ids = torch.cat([t0, drafts] if tree is None else [t0, drafts, tree.sibling_tokens], 1)
         h, hs = self._forward(
-            torch.cat([t0, drafts], 1),
+            ids,
             start,
             cache,
             kv_len=kv_len,
             keep_hidden="all" if any(searching) else None,
+            tree=tree,
         )
         raw = logits = a.head(h)
         if contexts is not None:
@@ -729,13 +747,18 @@ class BatchDecoder:
             logits = self._processed_rows(ctx, raw, num)
         num_draft = torch.tensor(num, dtype=torch.int32, device=self.device)
         gens = [s.generator for s in rows]
-        accepted, out = accept(c, logits, drafts, num_draft, self._lens[:B], q, gens)
+        chain = logits[:, : k + 1]
+        accepted, out = accept(c, chain, drafts, num_draft, self._lens[:B], q, gens)
         self._last[:B] = out.gather(1, accepted.long()[:, None])  # the next round's first token
-        host = self._read(torch.cat([accepted.long()[:, None], out], 1))  # the round's one read
+        verdict = [accepted.long()[:, None], out]
+        if tree is not None:  # (the sibling that matched or -1, the token after it)
+            verdict.append(branches.verdict(tree, logits, accepted, out)[None])
+        host = self._read(torch.cat(verdict, 1))  # the round's one read
         t3 = time.perf_counter()
         if self.policy is not None:  # the round's time against the table's
             steps = self.stats.draft_steps - steps0
-            self.policy.observe_time(kind, k, steps, t3 - t)
+            verified = k + (0 if tree is None else tree.num_siblings)
+            self.policy.observe_time(kind, verified, steps, t3 - t)
         self.stats.time_verify += t3 - t2
         self.stats.rounds += 1
         self.stats.row_rounds += B
@@ -746,6 +769,7 @@ class BatchDecoder:
         self.stats.lookup_rounds += kind == LOOKUP
         self.stats.layer_skip_rounds += kind == LAYER_SKIP
         outcomes, pending = [], []
+        last = [(0, 0)] * B
         for b, seq in enumerate(rows):
             acc = int(host[b][0])
             st = seq.stats
@@ -770,14 +794,28 @@ class BatchDecoder:
                 acc,
                 allowed[b],
             )
+            toks = [int(x) for x in host[b][1 : acc + 2]]
+            node = -1  # the sibling accepted after the chain (branches.py), if any
+            if tree is not None:
+                node, extra = (int(x) for x in host[b][-2:])
+                row_outcomes += self._branch_outcome(tree, acc, node)
+                if node >= 0:
+                    toks.append(extra)
+                    self._accept_sibling(n[b], acc, node, extra)
+                st.branch_rounds += 1
+                st.branch_hits += node >= 0
             outcomes += row_outcomes
             if seq.sources is not None:
                 observe_sources(seq.sources, row_outcomes)
-            emitted = self._commit(seq, [int(x) for x in host[b][1 : acc + 2]])
+            emitted = self._commit(seq, toks)
             st.round_tokens += len(emitted)
-            if self.keep_logits:
-                seq.token_logits += raw[b, : len(emitted)].to(torch.float32, copy=True).unbind(0)
+            if self.keep_logits:  # the logits behind each token: the chain's, the sibling's
+                rows_of = [*range(acc + 1), node][: len(emitted)]
+                behind = raw[b, rows_of].to(torch.float32, copy=True)
+                seq.token_logits += behind.unbind(0)
             pending.append((seq, emitted))
+            # the last verified node in the cache and its position (the search's target)
+            last[b] = (node, acc + 1) if node >= 0 else (acc, acc)
         # the searches, each on its row's hidden states at its last accepted token
         searched = False
         shared = self._reads - reads0
@@ -785,9 +823,9 @@ class BatchDecoder:
             reads = self._reads
             if searching[b] and not seq.finished:
                 seq.search_pending = False
-                acc = int(host[b][0])
-                target = torch.stack([x[b : b + 1, acc] for x in hs], 1)
-                self._search(seq, b, target, n[b] + acc)
+                node, depth = last[b]
+                target = torch.stack([x[b : b + 1, node] for x in hs], 1)
+                self._search(seq, b, target, n[b] + depth)
                 searched = True
             syncs = shared + self._reads - reads
             seq.stats.host_syncs += syncs
@@ -804,6 +842,41 @@ class BatchDecoder:
             seq.stats.time_total += dt
         self.stats.time_total += time.perf_counter() - t_round
         return done
+
+    def _branch_limit(self, B: int, contexts) -> int:
+        """The most siblings per layer-skip position this round may verify (branches.py): greedy,
+        one sequence on the one-row forward, no logits processor, policy="cost" (which picks
+        the width per round); else 0 (a chain)."""
+        c = self.config
+        ok = c.greedy and self.policy is not None and self._one_row(B) and contexts is None
+        return c.draft_branches if ok else 0
+
+    def _tree(self, alts: Tensor, m: int, k: int, n0: int, steps: int):
+        """The round's token tree: the policy's width of siblings at the layer-skip positions
+        m..k-1 of a chain of k drafts (the first m looked up) drafted in ``steps`` draft steps,
+        as many as fit the row's cache; None for a chain."""
+        positions = list(range(min(m, k), k))
+        w = self.policy.branch_width(k, len(positions), steps, alts.shape[2], self.rows[0].sources)
+        room = self.capacity - (n0 + 1 + k)  # slots past the chain's
+        positions = positions[: room // w] if w else []
+        return branches.build(alts, positions, w) if positions else None
+
+    @staticmethod
+    def _branch_outcome(tree, accepted: int, node: int) -> list[tuple]:
+        """What a tree round teaches the policy's BRANCH source (policy.py) where the chain was
+        rejected at a position with siblings: the rank of the one that matched, or none did."""
+        if accepted not in tree.positions:
+            return []
+        rank = tree.rank(node) if node >= 0 else tree.width
+        return [(BRANCH, tree.width, rank, tree.width)]
+
+    def _accept_sibling(self, n: int, accepted: int, node: int, extra: int) -> None:
+        """A sibling accepted after ``accepted`` chain drafts of the one row at committed length n:
+        its K/V goes from its scratch slot to its position's, the row grows by it, and the token
+        after it feeds the next round."""
+        self.cache.move_slot(0, n + node, n + accepted + 1)
+        self._lens[0] += 1
+        self._last[0, 0] = extra
 
     @staticmethod
     def _outcomes(kind, looked, prefix, drafted: int, accepted: int, allowed: int) -> list[tuple]:

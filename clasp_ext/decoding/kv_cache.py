@@ -6,8 +6,9 @@ knowledge of the family's head layout, so models whose keys and values differ in
 multi-head latent attention) or whose layers differ work alike. Slot s holds position s.
 ``committed`` is the number of positions that belong to the sequence; everything past it is scratch
 (draft K/V not yet verified, the DP's candidates, rejected drafts) and is simply overwritten later.
-Rollback is setting ``committed``. Nothing is ever copied: ``update`` writes the new K/V into their
-slots and returns views of the buffer.
+Rollback is setting ``committed``. Nothing is copied on the way: ``update`` writes the new K/V into
+their slots and returns views of the buffer (the one copy: ``move_slot``, for a sibling draft token
+accepted from a scratch slot, branches.py).
 
 The decoder layers' attention calls ``cache.update(key, value, layer_idx, ...)``; the caller sets
 the first slot to write with ``set_write(start)`` before running the layers, and ``update`` writes
@@ -139,6 +140,14 @@ class ClaspKVCache(Cache):
             for buf in store:
                 if buf is not None:
                     buf[dst, :, :length].copy_(buf[src, :, :length])
+
+    def move_slot(self, row: int, src: int, dst: int) -> None:
+        """Copies slot ``src`` of ``row`` onto its slot ``dst`` in every layer (branches.py: an
+        accepted sibling's K/V, verified in a scratch slot, goes to its position's slot)."""
+        for store in (self.keys, self.values):
+            for buf in store:
+                if buf is not None:
+                    buf[row, :, dst].copy_(buf[row, :, src])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.committed

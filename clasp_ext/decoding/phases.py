@@ -69,7 +69,8 @@ def draft_step(
     kv_len: int | None = None,
     processor=None,
     want_top1: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    alternatives: int = 0,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """One layer-skip draft step: the kept layers on ``tokens`` [B, 1] at ``start`` (an int, or
     per-row positions with ``kv_len``) by ``forward`` (``ModelAdapter.forward``, or the same on
     CUDA graphs: cuda_graphs.GraphedSteps.forward), then the draft head. Returns (the next
@@ -77,7 +78,8 @@ def draft_step(
     full vocabulary, None when greedy; the top-1 probabilities [B] when sampling or
     ``want_top1``, for the exit threshold). ``processor(full_logits [B, V]) -> [B, V]`` applies
     a logits processor (it indexes the full vocabulary, so the draft head's logits are widened
-    first)."""
+    first). Greedy with ``alternatives`` = w > 0, also the draft's next w tokens after the argmax,
+    best first ([B, w], branches.py's siblings; else None)."""
     h, _ = forward(tokens, start, cache, skip=skip, kv_len=kv_len)
     logits = draft_head.logits(h)[:, -1]  # over the draft vocabulary
     to_ids, to_full = draft_head.token_ids, draft_head.full_probs
@@ -86,9 +88,13 @@ def draft_step(
         to_ids = to_full = _unchanged
     if config.greedy:
         top1 = logits.float().softmax(-1).amax(-1) if want_top1 else None
-        return to_ids(logits.argmax(-1, keepdim=True)), None, top1
+        alts = None
+        if alternatives > 0:  # (topk may order ties unlike argmax: a repeat is merely unused)
+            w = min(alternatives + 1, logits.shape[-1])
+            alts = to_ids(torch.topk(logits, w, dim=-1).indices[:, 1:])
+        return to_ids(logits.argmax(-1, keepdim=True)), None, top1, alts
     q = process_logits(logits, config.temperature, config.top_k, config.top_p)
-    return to_ids(sample_rows(q, generators)), to_full(q), q.amax(-1)
+    return to_ids(sample_rows(q, generators)), to_full(q), q.amax(-1), None
 
 
 def _unchanged(x: Tensor) -> Tensor:

@@ -19,6 +19,11 @@ import copy
 from dataclasses import dataclass
 
 PLAIN, LAYER_SKIP = "plain", "layer_skip"
+# the siblings of a greedy layer-skip draft (branches.py). Its Source counts misses as
+# "accepted": position i of its estimate is P(the draft's (i + 2)-th best token at a rejected
+# position is not the target's token | the better siblings were not), so a hit at rank r is the
+# chain bookkeeping's "r accepted, then rejected" and Source.observe applies unchanged.
+BRANCH = "branch"
 # lookup drafts by the length n of the n-gram that matched: longer matches are more often right
 LONG_LOOKUP, LOOKUP, SHORT_LOOKUP = "long_lookup", "lookup", "short_lookup"  # n >= 3, 2, 1
 LOOKUPS = (LONG_LOOKUP, LOOKUP, SHORT_LOOKUP)
@@ -47,6 +52,9 @@ PRIORS = {
     LOOKUP: (0.35, 0.8),
     SHORT_LOOKUP: (0.15, 0.6),
     LAYER_SKIP: (0.8,),
+    # misses per sibling rank: tried where a flat verify makes siblings nearly free, written
+    # off after a few misses where they cost
+    BRANCH: (0.6, 0.85),
 }
 # P(a layer-skip draft goes on after a token): the exit threshold stops it where the draft is
 # unsure, so "at most k tokens" usually drafts fewer than k, and costs that many draft steps.
@@ -289,6 +297,39 @@ class CostPolicy:
                 rate = emitted / self.cost(LOOKUP, k)
                 if rate > max(floor, best.rate):
                     best = Choice(LOOKUP, k, rate)
+        return best
+
+    def branch_width(
+        self, k: int, positions: int, steps: int, width_max: int, sources: dict | None = None
+    ) -> int:
+        """Siblings per layer-skip position (branches.py) for a greedy round of one sequence that
+        drafted k tokens, its last ``positions`` by layer skip in ``steps`` draft steps: the width
+        <= ``width_max`` with the most expected tokens per second (0: verify the chain alone).
+        Siblings cost verify tokens only (the draft is spent); they pay one token when the chain
+        is rejected at a layer-skip position and the target's token is among its siblings.
+        ``sources``: the sequence's estimates (None: the pooled ones)."""
+        if positions <= 0 or width_max <= 0:
+            return 0
+        src = sources or self.sources
+        acc, miss = src[LAYER_SKIP].accept, src[BRANCH].accept
+        emitted, reach, rejected = 1.0 + (k - positions), 1.0, 0.0  # the prefix taken as accepted
+        for i in range(positions):
+            rejected += reach * (1.0 - acc.at(i))
+            reach *= acc.at(i)
+            emitted += reach
+        scale = self.time_scale(LAYER_SKIP) if self.scale_times else 1.0
+        draft = steps * self.table.draft_step_s
+
+        def rate(w: int, hit: float) -> float:
+            seconds = (draft + self.table.verify(k + 1 + positions * w)) * scale
+            return (emitted + rejected * hit) / (seconds + self.dp_s_per_round)
+
+        best, best_rate, none = 0, rate(0, 0.0), 1.0
+        for w in range(1, width_max + 1):
+            none *= miss.at(w - 1)
+            r = rate(w, 1.0 - none)
+            if r > best_rate:
+                best, best_rate = w, r
         return best
 
     def may_choose(self, kind: str, k_max: int) -> bool:

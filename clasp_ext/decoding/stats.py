@@ -18,6 +18,8 @@ class ClaspStats:
     short_lookup_rounds: int = 0  # of those, drafts from a single-token match ("cost" only)
     layer_skip_rounds: int = 0  # rounds with a layer-skip draft
     plain_rounds: int = 0  # rounds with no draft: one ordinary decoding step
+    branch_rounds: int = 0  # rounds that verified siblings of a layer-skip draft (branches.py)
+    branch_hits: int = 0  # of those, rounds where a sibling matched: one more token
     # draft length chosen per round -> number of rounds (layer skip: the most tokens allowed; the
     # exit threshold may stop it earlier, see drafted)
     lookup_lengths: dict = field(default_factory=dict)
