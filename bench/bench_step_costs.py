@@ -5,6 +5,9 @@ Times, on one model and device, with a context of ``--context`` tokens in the ca
   ``model.generate`` runs per token);
 - ``draft step`` at each skip count M: one token through the L - M kept layers and the draft head;
 - ``verify``: one full forward over K + 1 tokens (the verify pass) for each K;
+- ``draft forward`` of T tokens (``--draft-tokens``) at the projection's M on the decoder's
+  low-bit draft copies (``draft_weights="auto"``): what one level of a draft tree of width T
+  would cost against a draft step of one token;
 - ``dp``: one run of the layer-search DP (SPEC section 2) at each M.
 
 Then, for every ``--records`` file of bench_e2e.py, the speedup those costs imply for the tau and
@@ -18,6 +21,7 @@ every ``update_interval`` rounds, against tau autoregressive steps), not a measu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -122,7 +126,9 @@ def measure(model, args) -> dict:
     a, cache, n = dec.adapter, dec.loop.cache.row(0), dec.committed
     L = a.num_layers
     tok = dec.loop._last[:1].clone()
-    res = dict(num_layers=L, context=args.context, vocab=V, ar={}, draft={}, verify={}, dp={})
+    res = dict(
+        num_layers=L, context=args.context, vocab=V, ar={}, draft={}, verify={}, dp={}, wide={}
+    )
 
     hf_cache = DynamicCache(config=model.config)
     # the cache keyword: cache= from transformers 5.24 on, past_key_values= before
@@ -156,6 +162,19 @@ def measure(model, args) -> dict:
                 lambda M=M: dp_skip_search(a, cache, target, n - 1, n, M),
                 max(3, args.repeats // 2),
             )
+    M = args.project_skip
+    dec.skip = [i >= L - M for i in range(L)]
+    low_bit = dec.loop.low_bit
+    res["wide_weights"] = "original" if low_bit is None else low_bit.kind
+    for T in args.draft_tokens:
+        inp = tok.repeat(1, T)
+
+        def wide(inp=inp):  # the kept layers on T tokens, on the draft's weights, then its head
+            with low_bit.active(dec.skip) if low_bit is not None else contextlib.nullcontext():
+                h, _ = a.forward(inp, n, cache, skip=dec.skip)
+            return dec.draft_head.logits(h).argmax(-1)
+
+        res["wide"][T] = timer(dev, wide, args.repeats)
     for T in args.verify_tokens:
         inp = tok.repeat(1, T)
         res["verify"][T] = timer(
@@ -216,6 +235,11 @@ def markdown(costs: dict, meta: dict, projections: list[dict]) -> str:
         lines.append(f"| verify, {T} tokens | {t * 1e3:.2f} | {t / ar:.2f} |")
     for M, t in costs["dp"].items():
         lines.append(f"| DP run, M = {M} | {t * 1e3:.2f} | {t / ar:.2f} |")
+    for T, t in costs.get("wide", {}).items():
+        lines.append(
+            f"| draft forward of {T} tokens, M = {meta['project_skip']}, "
+            f"{costs['wide_weights']} weights | {t * 1e3:.2f} | {t / ar:.2f} |"
+        )
     if projections:
         lines += [
             "",
@@ -245,6 +269,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--skip", type=int, nargs="+", default=None, help="M values (default 25-50%%)")
     p.add_argument("--verify-tokens", type=int, nargs="+", default=[1, 5, 9, 13, 17])
+    p.add_argument("--draft-tokens", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--records", type=Path, nargs="*", default=[], help="bench_e2e records.json")
     p.add_argument("--project-skip", type=int, default=None, help="M for the projection")

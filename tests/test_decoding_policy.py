@@ -173,13 +173,20 @@ def test_calibration_on_tiny_model_is_fast_and_sane():
     model = tiny_model("qwen2", layers=4)
     dec = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=MAX_DRAFT, max_lookup=4)
     t = dec.cost_table
-    assert list(t.verify_s) == [1, 2, 4, MAX_DRAFT + 1]
-    # the longest draft of either source is measured: a lookup of 16 verifies 17 tokens
-    assert max(ClaspDecoder(model, policy="cost", num_skip_layers=2).cost_table.verify_s) == 17
+    # the longest verify is measured: a layer-skip draft of 8 with 2 siblings per token
+    longest = 1 + MAX_DRAFT * 3
+    assert list(t.verify_s) == [1, 2, 4, 8, longest]
+    chains = ClaspDecoder(
+        model, policy="cost", num_skip_layers=2, max_draft=MAX_DRAFT, max_lookup=4, draft_branches=0
+    )
+    assert list(chains.cost_table.verify_s) == [1, 2, 4, MAX_DRAFT + 1]
+    # or a lookup of 16 (17 tokens), the longer of the two
+    lookup = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=4, draft_branches=1)
+    assert max(lookup.cost_table.verify_s) == 17
     assert all(s > 0 for s in t.verify_s.values()) and t.draft_step_s > 0 and t.dp_s > 0
     # monotone-ish: timing noise aside, more tokens do not cost much less
-    assert t.verify_s[MAX_DRAFT + 1] > 0.5 * t.verify_s[1]
-    assert t.draft_step_s < 2 * t.verify_s[MAX_DRAFT + 1]
+    assert t.verify_s[longest] > 0.5 * t.verify_s[1]
+    assert t.draft_step_s < 2 * t.verify_s[longest]
     assert t.calibration_s < 5.0
     assert "verify ms" in t.describe()
 

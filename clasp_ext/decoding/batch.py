@@ -392,14 +392,19 @@ class BatchDecoder:
 
     def _measured(self, B: int, refresh: bool = False) -> CostTable:
         """The table at batch size B, kept in ``cost_tables`` (get_cost_table: from memory, else
-        disk, else measured; ``refresh`` measures again)."""
+        disk, else measured; ``refresh`` measures again), up to the longest verify a round of B
+        rows may run: the longest draft and its first token, and at B = 1 greedy the siblings
+        of a layer-skip draft (branches.py) on top."""
         if refresh or B not in self.cost_tables:
             c = self.config
+            tokens = c.max_round_draft + 1
+            if B == 1 and c.greedy and c.draft_branches > 0:
+                tokens = max(tokens, 1 + c.max_draft * (1 + c.draft_branches))
             self.cost_tables[B] = get_cost_table(
                 self.adapter,
                 self.draft_head,
                 c.num_skip_layers,
-                c.max_round_draft + 1,
+                tokens,
                 low_bit=self.low_bit,
                 batch=B,
                 refresh=refresh,
