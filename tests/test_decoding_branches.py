@@ -70,14 +70,15 @@ def test_verdict(accepted, target, positions, want):
         assert extra == want[1]
 
 
+@pytest.mark.parametrize("window", [8, 2])  # 2: the tree is deeper than the sliding window
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_tree_forward_equals_each_nodes_sequence(family):
+def test_tree_forward_equals_each_nodes_sequence(family, window):
     """Every node's logits from one tree forward equal the full model's on that node's own
     sequence (context, its chain ancestors, itself), past the sliding window too; and after an
     accepted sibling's K/V moves to its position's slot, the next token's forward equals the full
     model's on the sequence with the sibling in it."""
-    model = tiny_model(family, layers=4, window=8, seed=3)
+    model = tiny_model(family, layers=4, window=window, seed=3)
     a = ModelAdapter(model)
     gen = torch.Generator().manual_seed(7)
     V = model.config.vocab_size

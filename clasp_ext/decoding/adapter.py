@@ -508,18 +508,20 @@ class ModelAdapter:
 
     def tree_masks(self, start: int, depth: Tensor, visible: Tensor) -> dict[int | None, Tensor]:
         """Masks [1, 1, T, start + T] for a token tree in slots [start, start + T): node t (at
-        position start + depth[t]) sees the slots before ``start`` within its window and the
-        nodes ``visible`` [T, T] marks (its ancestors and itself; a tree is a few tokens deep,
-        never wider than a window). For ``masked_attn_implementation``."""
+        position start + depth[t]) sees the slots before ``start`` and the nodes ``visible``
+        [T, T] marks (its ancestors and itself), those within its window on sliding layers.
+        For ``masked_attn_implementation``."""
         T = depth.shape[0]
         slots = torch.arange(start, device=depth.device)
         q = (start + depth)[:, None]
         masks = {}
         for w in set(self.windows):
             past = (slots[None, :] < q).expand(T, start)
+            nodes = visible
             if w is not None:
                 past = past & (slots[None, :] > q - w)
-            allowed = torch.cat([past, visible], 1)
+                nodes = nodes & (depth[:, None] - depth[None, :] < w)
+            allowed = torch.cat([past, nodes], 1)
             masks[w] = self._to_attn_mask(allowed, self.masked_attn_implementation)
         return masks
 
