@@ -393,12 +393,12 @@ class BatchDecoder:
     def _measured(self, B: int, refresh: bool = False) -> CostTable:
         """The table at batch size B, kept in ``cost_tables`` (get_cost_table: from memory, else
         disk, else measured; ``refresh`` measures again), up to the longest verify a round of B
-        rows may run: the longest draft and its first token, and at B = 1 greedy the siblings
-        of a layer-skip draft (branches.py) on top."""
+        rows may run: the longest draft and its first token, and at B = 1 greedy (eager) the
+        siblings of a layer-skip draft (branches.py) on top."""
         if refresh or B not in self.cost_tables:
             c = self.config
             tokens = c.max_round_draft + 1
-            if B == 1 and c.greedy and c.draft_branches > 0:
+            if B == 1 and c.greedy and c.draft_branches > 0 and not c.cuda_graphs:
                 tokens = max(tokens, 1 + c.max_draft * (1 + c.draft_branches))
             self.cost_tables[B] = get_cost_table(
                 self.adapter,
@@ -862,7 +862,7 @@ class BatchDecoder:
         as many as fit the row's cache; None for a chain."""
         positions = list(range(min(m, k), k))
         w = self.policy.branch_width(k, len(positions), steps, alts.shape[2], self.rows[0].sources)
-        room = self.capacity - (n0 + 1 + k)  # slots past the chain's
+        room = max(0, self.capacity - (n0 + 1 + k))  # slots past the chain's
         positions = positions[: room // w] if w else []
         return branches.build(alts, positions, w) if positions else None
 

@@ -88,11 +88,11 @@ def draft_step(
         to_ids = to_full = _unchanged
     if config.greedy:
         top1 = logits.float().softmax(-1).amax(-1) if want_top1 else None
-        alts = None
-        if alternatives > 0:  # (topk may order ties unlike argmax: a repeat is merely unused)
+        if alternatives > 0:  # the draft token and the next best, from one topk (no repeats)
             w = min(alternatives + 1, logits.shape[-1])
-            alts = to_ids(torch.topk(logits, w, dim=-1).indices[:, 1:])
-        return to_ids(logits.argmax(-1, keepdim=True)), None, top1, alts
+            best = torch.topk(logits, w, dim=-1).indices
+            return to_ids(best[:, :1]), None, top1, to_ids(best[:, 1:])
+        return to_ids(logits.argmax(-1, keepdim=True)), None, top1, None
     q = process_logits(logits, config.temperature, config.top_k, config.top_p)
     return to_ids(sample_rows(q, generators)), to_full(q), q.amax(-1), None
 
