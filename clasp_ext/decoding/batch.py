@@ -398,7 +398,7 @@ class BatchDecoder:
         if refresh or B not in self.cost_tables:
             c = self.config
             tokens = c.max_round_draft + 1
-            if B == 1 and c.greedy and c.draft_branches > 0 and not c.cuda_graphs:
+            if self._may_branch(B):
                 tokens = max(tokens, 1 + c.max_draft * (1 + c.draft_branches))
             self.cost_tables[B] = get_cost_table(
                 self.adapter,
@@ -848,13 +848,18 @@ class BatchDecoder:
         self.stats.time_total += time.perf_counter() - t_round
         return done
 
-    def _branch_limit(self, B: int, contexts) -> int:
-        """The most siblings per layer-skip position this round may verify (branches.py): greedy,
-        one sequence on the one-row forward, no logits processor, policy="cost" (which picks
-        the width per round); else 0 (a chain)."""
+    def _may_branch(self, B: int) -> bool:
+        """Whether rounds of B rows may verify siblings (branches.py), as far as the config says:
+        greedy, one sequence, eager (no CUDA graphs), ``draft_branches`` > 0."""
         c = self.config
-        ok = c.greedy and self.policy is not None and self._one_row(B) and contexts is None
-        return c.draft_branches if ok else 0
+        return c.draft_branches > 0 and c.greedy and B == 1 and not c.cuda_graphs
+
+    def _branch_limit(self, B: int, contexts) -> int:
+        """The most siblings per layer-skip position this round may verify: ``_may_branch``, on
+        the one-row forward (not a stand-in for CUDA graphs), no logits processor,
+        policy="cost" (which picks the width per round); else 0 (a chain)."""
+        ok = self._may_branch(B) and self._one_row(B) and self.policy is not None
+        return self.config.draft_branches if ok and contexts is None else 0
 
     def _tree(self, alts: Tensor, m: int, k: int, n0: int, steps: int):
         """The round's token tree: the policy's width of siblings at the layer-skip positions

@@ -92,6 +92,5 @@ def verdict(tree: TokenTree, logits: Tensor, accepted: Tensor, out: Tensor) -> T
     match = (nodes >= 0) & (sib == target)
     hit = match.any(-1)  # [1]
     node = nodes.gather(1, match.long().argmax(-1, keepdim=True))[:, 0]  # the first match
-    node = torch.where(hit, node, torch.zeros_like(node))
-    extra = logits[0].index_select(0, node).argmax(-1)  # [1]
+    extra = logits[0].index_select(0, node.clamp(min=0)).argmax(-1)  # [1] (junk without a hit)
     return torch.cat([torch.where(hit, node, torch.full_like(node, -1)), extra])

@@ -108,7 +108,8 @@ class ClaspConfig:
     # policy="cost", greedy, one sequence: verify up to this many of the draft's next-best tokens
     # beside each layer-skip draft token (branches.py; the policy picks 0..this per round by the
     # cost table: where verify is flat they ride along nearly free); 0 = chains only. bf16 on the
-    # AMX Xeon, 6 dev prompts: 0 / 1 / 2 = 1.63x / 1.77x / 1.80x of model.generate
+    # AMX Xeon, 12 dev prompts (bench/results/e2e-qwen2.5-coder-1.5b-bf16-amx/): 0 / 1 / 2 =
+    # 1.79x / 1.86x / 1.84x of model.generate in one run, 0 / 2 = 1.84x / 1.94x in another
     draft_branches: int = 2
 
     @classmethod

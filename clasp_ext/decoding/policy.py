@@ -318,10 +318,9 @@ class CostPolicy:
             reach *= acc.at(i)
             emitted += reach
         scale = self.time_scale(LAYER_SKIP) if self.scale_times else 1.0
-        draft = steps * self.table.draft_step_s
 
-        def rate(w: int, hit: float) -> float:
-            seconds = (draft + self.table.verify(k + 1 + positions * w)) * scale
+        def rate(w: int, hit: float) -> float:  # cost()'s round time, verifying the siblings too
+            seconds = self.table_s(LAYER_SKIP, k + positions * w, steps) * scale
             return (emitted + rejected * hit) / (seconds + self.dp_s_per_round)
 
         best, best_rate, none = 0, rate(0, 0.0), 1.0
