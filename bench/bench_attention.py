@@ -52,8 +52,7 @@ def main(argv=None):
     where = (
         torch.cuda.get_device_name(dev)
         if dev.type == "cuda"
-        else f"{env['cpu']} "
-        + (f"({torch.backends.cpu.get_cpu_capability()}), {args.threads} threads")
+        else f"{env['cpu']}, {args.threads} threads"
     )
     head = (
         f"{where}, torch {env['torch']}, transformers {env['transformers']}; {name} {args.dtype}, "

@@ -311,7 +311,7 @@ def main(argv=None):
 
 def report(records, serve, meta, rules=None, rule_batch=None) -> str:
     lines = [
-        f"Machine: {meta['cpu']} ({meta['cpu_capability']}), {meta['torch_threads']} threads, "
+        f"Machine: {meta['cpu']}, {meta['torch_threads']} threads, "
         f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['model']} "
         f"{meta['dtype']}, {meta['max_new_tokens']} new tokens, greedy.",
         f"Command: `{meta['command']}`",

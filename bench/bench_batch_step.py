@@ -80,7 +80,7 @@ def main(argv=None):
                     fn()
                 res[name].append((time.perf_counter() - t) / 3)
     m = machine_description(args.threads)
-    print(f"{m['cpu']} ({torch.backends.cpu.get_cpu_capability()}), {args.threads} threads, torch "
+    print(f"{m['cpu']}, {args.threads} threads, torch "
           f"{m['torch']}, transformers {m['transformers']}; {args.model} {args.dtype}, B = {B}, "
           f"context {min(lens)}..{T}")  # fmt: skip
     for name, v in res.items():

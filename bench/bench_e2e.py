@@ -40,7 +40,7 @@ import transformers  # noqa: E402
 
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding.adapter import ModelAdapter  # noqa: E402
-from clasp_ext.timing import cpu_name  # noqa: E402
+from clasp_ext.timing import cpu_description  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "spec_bench_dev.jsonl"
@@ -113,7 +113,7 @@ def encode(tok, text: str, chat: bool) -> torch.Tensor:
 
 
 def machine_description(threads: int) -> dict:
-    cpu = cpu_name()
+    cpu = cpu_description()
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_step_costs import add_model_arguments, load_model  # noqa: E402
 
 from clasp_ext.decoding import low_bit  # noqa: E402
-from clasp_ext.timing import cpu_name  # noqa: E402
+from clasp_ext.timing import cpu_description  # noqa: E402
 
 
 def main(argv=None):
@@ -31,10 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args, "cpu")
-    print(
-        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), "
-        f"{args.threads} threads, torch {torch.__version__}, {args.dtype}"
-    )
+    print(f"{cpu_description()}, {args.threads} threads, torch {torch.__version__}, {args.dtype}")
     for _ in range(args.repeats):
         t = low_bit.measure_kinds(model.model.layers)
         if not t:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from clasp_ext import build_info, ops, reference  # noqa: E402
 from clasp_ext.ops import OP_NAMES  # noqa: E402
-from clasp_ext.timing import cpu_name  # noqa: E402
+from clasp_ext.timing import cpu_description, cpu_name  # noqa: E402
 
 IMPLS = ("clasp", "eager", "compiled")
 
@@ -411,7 +411,7 @@ def environment(device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "cpu_model": cpu_name(),
+        "cpu_model": cpu_description(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "clasp_build": build_info(),

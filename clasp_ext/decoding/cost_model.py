@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from clasp_ext.decoding.layer_search import dp_skip_search
-from clasp_ext.timing import cpu_name, median_time
+from clasp_ext.timing import cpu_description, median_time
 
 SCHEMA = 1
 DEFAULT_CONTEXT = 128
@@ -119,7 +119,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+        return cpu_description()
     return device.type
 
 
