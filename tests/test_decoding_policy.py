@@ -259,3 +259,34 @@ def test_online_costs_is_validated():
     model = tiny_model("llama", layers=2)
     with pytest.raises(ValueError, match="online_costs must be True or False"):
         generate(model, torch.tensor([[3, 4]]), online_costs="yes")
+
+
+def test_interrupted_verify_samples_are_capped():
+    """A verify of fewer tokens (past the first) never costs more than one of more: a spike (the
+    3.89-step verify of 2 tokens one calibration read on a shared VM) is capped, a dip kept."""
+    spiky = {1: 1.0, 2: 3.89, 4: 1.73, 8: 1.44, 25: 2.81}
+    assert cm.spikes(spiky) == [2, 4]
+    assert cm.without_spikes(spiky) == {1: 1.0, 2: 1.44, 4: 1.44, 8: 1.44, 25: 2.81}
+    dip = {1: 1.0, 2: 0.8, 4: 0.9, 8: 1.2}
+    assert cm.spikes(dip) == [] and cm.without_spikes(dip) == dip
+    slow_one = {1: 3.0, 2: 1.0, 4: 1.1}  # a plain step above a 2-token verify: a real dip shape
+    assert cm.without_spikes(slow_one) == slow_one
+
+
+def test_calibration_measures_a_spike_again(monkeypatch):
+    model = tiny_model("llama", layers=3)
+    dec = ClaspDecoder(model, policy="fixed", num_skip_layers=1)
+    lengths = cm.verify_lengths(9)
+    # verify 1, 2 (interrupted), the longer ones; then T = 2 once more; the draft step, the DP
+    script = [1.0, 5.0] + [1.2 + 0.1 * i for i in range(len(lengths) - 2)] + [1.1, 0.2, 0.5]
+    calls = []
+
+    def fake_median_time(fn, *args, **kwargs):
+        calls.append(fn)
+        return script[len(calls) - 1]
+
+    monkeypatch.setattr(cm, "median_time", fake_median_time)
+    t = cm.calibrate(dec.adapter, dec.draft_head, 1, 9, context=8, repeats=1)
+    assert len(calls) == len(script)  # one more measurement, for T = 2 only
+    assert t.verify_s[2] == 1.1 and t.verify_s[1] == 1.0
+    assert t.draft_step_s == 0.2 and t.dp_s == 0.5
