@@ -184,6 +184,12 @@ BUILTIN = {
     # every round verifies one token: this library's own loop with no speculation, which
     # separates the loop's overhead from the gain of speculation
     "clasp-nodraft": (_run_clasp, {"max_draft": 0, "num_skip_layers": 0}),
+    # layer-skip drafts alone that skip the skip set's MLP blocks only (issue 9 item 6's first
+    # measurement, against clasp-fixed:draft_weights=original,lookup_ngram=0)
+    "clasp-mlpskip": (
+        _run_clasp,
+        {"skip_unit": "mlp", "draft_weights": "original", "policy": "fixed", "lookup_ngram": 0},
+    ),
     "pld": (run_pld, {}),
     "early-exit": (run_early_exit, {}),
 }

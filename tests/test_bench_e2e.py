@@ -95,6 +95,9 @@ def test_method_specs():
     assert label == "clasp:num_skip_layers=10,draft_exit_threshold=0.6"
     assert ov == dict(num_skip_layers=10, draft_exit_threshold=0.6)
     assert e2e_methods.parse_method("clasp-static")[2] == dict(skip_strategy="static")
+    label, fn, ov = e2e_methods.parse_method("clasp-mlpskip:num_skip_layers=16")
+    assert fn is e2e_methods._run_clasp  # run_method passes overrides to the library's runs only
+    assert ov["skip_unit"] == "mlp" and ov["num_skip_layers"] == 16
     with pytest.raises(SystemExit, match="unknown method"):
         e2e_methods.parse_method("medusa")
     with pytest.raises(SystemExit, match="only clasp methods"):

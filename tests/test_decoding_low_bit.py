@@ -118,7 +118,7 @@ def test_low_bit_draft_swaps_only_inside_and_only_kept_layers(kind):
         assert "forward" not in model.model.layers[1].mlp.down_proj.__dict__
         with torch.no_grad():
             inside = model(ids).logits
-    assert sorted(draft._copies) == [0, 2]  # copies made only for the kept layers
+    assert sorted(draft._copies) == [(0, True), (2, True)]  # copies only for the kept layers
     assert not any("forward" in m.__dict__ for m in model.modules())  # all restored
     with torch.no_grad():
         after = model(ids).logits
@@ -138,11 +138,12 @@ def test_low_bit_draft_swaps_only_inside_and_only_kept_layers(kind):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("skip_unit", ["layer", "mlp"])  # mlp: the skipped layers' attention too
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_greedy_lossless_with_low_bit_drafts(family, policy, kind):
+def test_greedy_lossless_with_low_bit_drafts(family, policy, kind, skip_unit):
     model = tiny_model(family, layers=6, window=8, seed=3)
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
     want = hf_greedy(model, ids, 24)
@@ -155,6 +156,7 @@ def test_greedy_lossless_with_low_bit_drafts(family, policy, kind):
         eos_token_id=[],
         draft_weights=kind,
         draft_vocab_size=64,
+        skip_unit=skip_unit,
         **POLICIES[policy],
     )
     out = dec.generate(ids)

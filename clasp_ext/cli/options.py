@@ -15,6 +15,7 @@ SETUP_KNOBS = (
     "max_lookup",
     "draft_vocab_size",
     "draft_weights",
+    "skip_unit",
 )
 
 
@@ -29,6 +30,7 @@ def add_model_args(p) -> None:
 
 
 def add_setup_knobs(p) -> None:
+    from clasp_ext.decoding.config import SKIP_UNITS
     from clasp_ext.decoding.low_bit import DRAFT_WEIGHTS
 
     p.add_argument("--num-skip-layers", type=int, default=None)
@@ -45,6 +47,13 @@ def add_setup_knobs(p) -> None:
         help="auto (default): int4 or int8 copies of the kept layers for draft steps, whichever "
         "measures faster (none where neither pays); int8; int4; original (verify always runs "
         "the model's weights)",
+    )
+    p.add_argument(
+        "--skip-unit",
+        choices=SKIP_UNITS,
+        default=None,
+        help="what a draft skips in a layer of its skip set: layer (default) or mlp (its MLP "
+        "block only, its attention runs; measured slower than layer so far)",
     )
 
 

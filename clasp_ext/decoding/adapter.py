@@ -55,6 +55,8 @@ EMBED_NAMES = ("embed_tokens", "word_embeddings", "wte", "embed_in")
 LAYERS_NAMES = ("layers", "h")
 NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "norm_f")
 ATTN_NAMES = ("self_attn", "self_attention", "attention", "attn")
+# a layer's MLP block (dense or mixture of experts): what skip_unit="mlp" drafts without
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Learned absolute position embeddings added by the base model's forward (GPT-2, OPT, ...).
 ABSOLUTE_POSITION_NAMES = ("wpe", "embed_positions", "position_embeddings")
@@ -85,6 +87,11 @@ def _attr(module: nn.Module, names: tuple[str, ...]):
         if value is not None:
             return value
     return None
+
+
+def _zeros_like_input(hidden: Tensor, *args, **kwargs) -> Tensor:
+    """An MLP block's forward under skip_unit="mlp": adds nothing to the residual."""
+    return torch.zeros_like(hidden)
 
 
 def _find_base(model: nn.Module) -> nn.Module:
@@ -299,8 +306,54 @@ class ModelAdapter:
         self.device = p.device
         self.hidden_size = text_config.hidden_size
         self.vocab_size = lm_head.weight.shape[0]
+        # what ``forward`` leaves out of a layer its ``skip`` marks: "layer" (all of it) or "mlp"
+        # (its MLP block: set_skip_unit)
+        self.skip_unit = "layer"
         if check:
             self.check()
+
+    def set_skip_unit(self, unit: str) -> None:
+        """ "mlp": a layer marked in ``forward``'s ``skip`` runs its attention (which writes its
+        K/V) with its MLP block returning zeros, so the residual adds nothing: the layer without
+        its MLP in pre-norm, post-norm (RMSNorm of zero is zero) and parallel blocks alike. Only
+        drafts pass ``skip``, so what is emitted never depends on it. Refuses (ValueError) a
+        model whose layers have no MLP block it can find or that fail to run without one."""
+        if unit == "layer":
+            self.skip_unit = unit
+            return
+        missing = [i for i, m in enumerate(self.mlp_blocks()) if m is None]
+        if missing:
+            raise ValueError(
+                f"clasp_ext: skip_unit='mlp' needs an MLP block ({'/'.join(MLP_NAMES)}) in every "
+                f"decoder layer; {type(self.layers[0]).__name__} layers {missing[:4]} have none. "
+                "Use skip_unit='layer'"
+            )
+        self.skip_unit = unit
+        cache = self.new_cache(4)
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        try:
+            with torch.no_grad():
+                self.forward(ids, 0, cache, skip=[True] * self.num_layers)
+        except Exception as e:  # noqa: BLE001 (what the layer raised, in the message)
+            self.skip_unit = "layer"
+            raise ValueError(
+                f"clasp_ext: skip_unit='mlp': a {type(self.layers[0]).__name__} layer does not "
+                f"run with its MLP block returning zeros ({type(e).__name__}: {e}); use "
+                "skip_unit='layer'"
+            ) from None
+
+    def mlp_blocks(self) -> list[nn.Module | None]:
+        """Each decoder layer's MLP block (None where it has none)."""
+        return [_attr(layer, MLP_NAMES) for layer in self.layers]
+
+    @contextlib.contextmanager
+    def _without_mlp(self, i: int):
+        mlp = _attr(self.layers[i], MLP_NAMES)
+        mlp.forward = _zeros_like_input
+        try:
+            yield
+        finally:
+            mlp.__dict__.pop("forward", None)
 
     # ------------------------------------------------------------------ pieces of the forward
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -406,9 +459,10 @@ class ModelAdapter:
     ) -> tuple[Tensor, list[Tensor]]:
         """The one layer-by-layer forward: ``ids`` [B, T] at positions ``start .. start + T - 1``
         over cache slots [0, start) (writing [start, start + T)), running the layers not marked in
-        ``skip``. Returns (the last layer's output h [B, T, d] before the final norm, hidden
-        states): with ``keep_hidden="all"`` [h_0 .. h_L], with ``"last"`` the same at the last
-        position only, else [].
+        ``skip`` (and, with ``skip_unit`` "mlp", the marked ones without their MLP block).
+        Returns (the last layer's output h [B, T, d] before the final norm, hidden states): with
+        ``keep_hidden="all"`` [h_0 .. h_L], with ``"last"`` the same at the last position only,
+        else [].
 
         Ragged batches (batch.py): ``start`` a device tensor [B] of per-row positions, and
         ``kv_len`` > every row's last position: row b's queries sit at ``start[b] ..`` and see its
@@ -426,6 +480,9 @@ class ModelAdapter:
             for i in range(self.num_layers):
                 if skip is None or not skip[i]:
                     h = self.run_layer(i, h, pos_ids, pe, masks, cache)
+                elif self.skip_unit == "mlp":
+                    with self._without_mlp(i):
+                        h = self.run_layer(i, h, pos_ids, pe, masks, cache)
                 if keep_hidden:
                     hs.append(keep(h))
         return h, hs

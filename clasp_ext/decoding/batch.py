@@ -176,6 +176,7 @@ class BatchDecoder:
         if max_batch > 1:  # one row runs the one-sequence forward (_forward)
             a.check_ragged()
         self.config = c = config.resolved(a.num_layers, getattr(model, "generation_config", None))
+        a.set_skip_unit(c.skip_unit)
         self.device = a.device
         if c.cuda_graphs and self.device.type != "cuda":
             raise ValueError(

@@ -36,6 +36,7 @@ POLICIES = ("fixed", "cost")
 # the skip set a batch shares (batch.py): "vote" skips the M layers most live rows' DPs skip;
 # "agreed" skips only the layers every live row's DP skips (each layer some row keeps runs)
 BATCH_SKIP_RULES = ("vote", "agreed")
+SKIP_UNITS = ("layer", "mlp")  # what a draft skips in a layer of its skip set
 FIRST_DP = ("prefill", "first_round")
 
 
@@ -111,6 +112,14 @@ class ClaspConfig:
     # AMX Xeon, 12 dev prompts (bench/results/e2e-qwen2.5-coder-1.5b-bf16-amx/): 0 / 1 / 2 =
     # 1.79x / 1.86x / 1.84x of model.generate in one run, 0 / 2 = 1.84x / 1.94x in another
     draft_branches: int = 2
+    # What a draft skips in each layer of its skip set (SKIP_UNITS): "layer", the whole layer
+    # (SPEC section 1); "mlp", only its MLP block, its attention still runs (KnapSpec's sublayer
+    # view: an MLP holds ~88% of a Qwen2.5-1.5B layer's weight bytes, its attention the context).
+    # The DP still chooses the layers as whole-layer skips. Measured slower than "layer" so far
+    # (Xeon without AMX, bf16, 12 dev prompts: 1.42x with 10 whole layers, 1.29x / 1.22x with 16 /
+    # 20 MLPs; 6 prompts: 1.51x against 1.45x with 10 MLPs; bench/results/README.md): a sublayer
+    # DP may change that. Eager rounds only (no cuda_graphs).
+    skip_unit: str = "layer"
 
     @classmethod
     def of(cls, config: ClaspConfig | None, **overrides) -> ClaspConfig:
@@ -280,6 +289,15 @@ class ClaspConfig:
         need(
             isinstance(self.cuda_graphs, bool),
             f"cuda_graphs must be True or False, got {self.cuda_graphs!r}",
+        )
+        need(
+            self.skip_unit in SKIP_UNITS,
+            f"skip_unit must be one of {SKIP_UNITS}, got {self.skip_unit!r}",
+        )
+        need(
+            not (self.cuda_graphs and self.skip_unit == "mlp"),
+            "skip_unit='mlp' runs eager rounds only (the CUDA graphs capture whole layers); "
+            "use skip_unit='layer' with cuda_graphs=True",
         )
         need(
             self.batch_skip_rule in BATCH_SKIP_RULES,

@@ -146,6 +146,8 @@ def setup_of(
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         num_skip=int(num_skip),
+        # what a skipped layer leaves out (a key only when not the whole layer: older keys hold)
+        **({"skip_unit": adapter.skip_unit} if adapter.skip_unit != "layer" else {}),
         draft_vocab=draft_head.size,
         draft_weights="original" if low_bit is None else low_bit.kind,
         max_tokens=int(max_tokens),

@@ -295,39 +295,54 @@ def check_supported(kind: str, device: torch.device, dtype: torch.dtype) -> None
 class LowBitDraft:
     """``kind`` copies of every ``nn.Linear`` of the decoder layers a draft keeps, swapped in for
     the duration of ``active(skip)`` (an instance ``forward`` on each linear; removed after, so
-    the model object is unchanged outside a draft)."""
+    the model object is unchanged outside a draft). ``mlp_blocks`` (skip_unit="mlp": a skipped
+    layer still runs its attention): each layer's MLP module, whose linears a skipped layer's
+    draft does not run and so gets no copy of."""
 
-    def __init__(self, layers, kind: str = "int8"):
+    def __init__(self, layers, kind: str = "int8", mlp_blocks: list | None = None):
         self.layers = layers
         self.kind = kind
-        self._copies: dict[int, list] = {}  # layer index -> [(linear, forward over the copy)]
+        self.mlp_blocks = mlp_blocks
+        # (layer index, whole layer?) -> [(linear, forward over the copy)]; the attention-only
+        # and whole-layer lists of one layer share their copies (low_bit_copy caches per module)
+        self._copies: dict[tuple[int, bool], list] = {}
 
-    def _layer(self, i: int) -> list:
-        if i not in self._copies:
+    def _layer(self, i: int, whole: bool = True) -> list:
+        if (i, whole) not in self._copies:
             linears = low_bit_linears(self.layers[i], self.kind)
-            self._copies[i] = [(m, low_bit_copy(m, self.kind)) for m in linears]
-        return self._copies[i]
+            if not whole:  # the attention and norms a skipped layer still runs
+                in_mlp = {id(m) for m in self.mlp_blocks[i].modules()}
+                linears = [m for m in linears if id(m) not in in_mlp]
+            self._copies[i, whole] = [(m, low_bit_copy(m, self.kind)) for m in linears]
+        return self._copies[i, whole]
+
+    def _drafted(self, skip: list[bool]):
+        """(layer index, whole layer?) of the layers a draft with ``skip`` runs."""
+        for i, skipped in enumerate(skip):
+            if not skipped:
+                yield i, True
+            elif self.mlp_blocks is not None:
+                yield i, False
 
     def prepare(self, skip: list[bool]) -> None:
         """Builds the copies a draft with ``skip`` uses (else built on first use, inside the first
         draft round, whose time a loop may be measuring)."""
-        for i, skipped in enumerate(skip):
-            if not skipped:
-                self._layer(i)
+        for i, whole in self._drafted(skip):
+            self._layer(i, whole)
 
     @property
     def nbytes(self) -> int:
-        return sum(w.nbytes for pairs in self._copies.values() for _, w in pairs)
+        unique = {id(m): w for pairs in self._copies.values() for m, w in pairs}
+        return sum(w.nbytes for w in unique.values())
 
     @contextlib.contextmanager
     def active(self, skip: list[bool]):
         swapped = []
         try:
-            for i, skipped in enumerate(skip):
-                if not skipped:
-                    for mod, w in self._layer(i):
-                        mod.forward = w
-                        swapped.append(mod)
+            for i, whole in self._drafted(skip):
+                for mod, w in self._layer(i, whole):
+                    mod.forward = w
+                    swapped.append(mod)
             yield
         finally:
             for mod in swapped:
@@ -335,12 +350,14 @@ class LowBitDraft:
 
 
 def low_bit_draft_for(adapter, draft_weights: str, num_skip: int) -> LowBitDraft | None:
-    """The draft's low-bit copies for ``ClaspConfig.draft_weights`` (None: the model's weights).
-    "int8" / "int4" are refused where this torch has no kernel; "auto" measures (``auto_kind``)."""
+    """The draft's low-bit copies for ``ClaspConfig.draft_weights`` (None: the model's weights),
+    for the adapter's ``skip_unit``. "int8" / "int4" are refused where this torch has no kernel;
+    "auto" measures (``auto_kind``)."""
+    mlps = adapter.mlp_blocks() if adapter.skip_unit == "mlp" else None
     if draft_weights in KINDS:
         check_supported(draft_weights, adapter.device, adapter.dtype)
-        return LowBitDraft(adapter.layers, draft_weights)
+        return LowBitDraft(adapter.layers, draft_weights, mlps)
     if draft_weights == "auto" and num_skip > 0:
         kind = auto_kind(adapter.layers)
-        return None if kind is None else LowBitDraft(adapter.layers, kind)
+        return None if kind is None else LowBitDraft(adapter.layers, kind, mlps)
     return None
