@@ -41,7 +41,7 @@ def test_a_skipped_layer_runs_its_attention_without_its_mlp():
         assert cache.keys[i][..., :6, :].abs().sum() > 0  # its attention wrote K/V
     assert not torch.equal(hs[2], hs[1])  # layer 1 changed the hidden state (its attention)
     assert all("forward" not in layer.mlp.__dict__ for layer in adapter.layers)  # restored
-    # the same layers by hand: attention-only residual blocks where skipped
+    # not the full model's output: the two MLP blocks were left out
     ref = adapter.forward(ids, 0, adapter.new_cache(16), skip=[False] * 6)[0]
     assert not torch.allclose(h, ref)
     out.clear()

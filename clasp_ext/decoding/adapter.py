@@ -307,8 +307,9 @@ class ModelAdapter:
         self.hidden_size = text_config.hidden_size
         self.vocab_size = lm_head.weight.shape[0]
         # what ``forward`` leaves out of a layer its ``skip`` marks: "layer" (all of it) or "mlp"
-        # (its MLP block: set_skip_unit)
+        # (its MLP block, one of ``_mlps``, found once by set_skip_unit)
         self.skip_unit = "layer"
+        self._mlps: list[nn.Module] = []
         if check:
             self.check()
 
@@ -321,14 +322,15 @@ class ModelAdapter:
         if unit == "layer":
             self.skip_unit = unit
             return
-        missing = [i for i, m in enumerate(self.mlp_blocks()) if m is None]
+        mlps = self.mlp_blocks()
+        missing = [i for i, m in enumerate(mlps) if m is None]
         if missing:
             raise ValueError(
                 f"clasp_ext: skip_unit='mlp' needs an MLP block ({'/'.join(MLP_NAMES)}) in every "
                 f"decoder layer; {type(self.layers[0]).__name__} layers {missing[:4]} have none. "
                 "Use skip_unit='layer'"
             )
-        self.skip_unit = unit
+        self.skip_unit, self._mlps = unit, mlps
         cache = self.new_cache(4)
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
         try:
@@ -348,7 +350,7 @@ class ModelAdapter:
 
     @contextlib.contextmanager
     def _without_mlp(self, i: int):
-        mlp = _attr(self.layers[i], MLP_NAMES)
+        mlp = self._mlps[i]
         mlp.forward = _zeros_like_input
         try:
             yield

@@ -262,25 +262,25 @@ def calibrate(
 SPIKE = 1.15
 
 
+def _longer_min(verify_s: dict[int, float]) -> dict[int, float]:
+    """For each measured T >= 2, the lowest cost of a longer measured T (inf for the longest)."""
+    out, low = {}, float("inf")
+    for t in sorted(verify_s, reverse=True):
+        if t >= 2:
+            out[t] = low
+        low = min(low, verify_s[t])
+    return out
+
+
 def spikes(verify_s: dict[int, float]) -> list[int]:
     """The T >= 2 whose cost exceeds a longer measured T's by more than ``SPIKE``."""
-    ts = sorted(verify_s)
-    return [
-        t
-        for i, t in enumerate(ts)
-        if t >= 2
-        and i + 1 < len(ts)
-        and verify_s[t] > SPIKE * min(verify_s[u] for u in ts[i + 1 :])
-    ]
+    return sorted(t for t, low in _longer_min(verify_s).items() if verify_s[t] > SPIKE * low)
 
 
 def without_spikes(verify_s: dict[int, float]) -> dict[int, float]:
     """``verify_s`` with the cost of each T >= 2 capped at that of every longer measured T."""
-    out = dict(sorted(verify_s.items()))
-    low = float("inf")
-    for t in reversed([t for t in out if t >= 2]):
-        low = out[t] = min(low, out[t])
-    return out
+    low = _longer_min(verify_s)
+    return {t: min(s, low.get(t, s)) for t, s in sorted(verify_s.items())}
 
 
 def get_cost_table(
