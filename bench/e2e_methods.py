@@ -39,6 +39,7 @@ class MethodResult:
     round_tokens: int | None = None  # tokens emitted by those rounds
     dp_runs: int | None = None
     dp_runs_time_s: float | None = None
+    first_dp_token: int | None = None  # new tokens before the first DP (0: at prefill; -1: none)
     times: dict = field(default_factory=dict)  # prefill/draft/verify/dp/other seconds (clasp)
     skip_layers: list | None = None
     host_syncs_per_round: float | None = None
@@ -149,6 +150,7 @@ def _run_clasp(model, ids, ctx: Context, **overrides) -> MethodResult:
         accepted=s.accepted,
         round_tokens=s.round_tokens,
         dp_runs=s.dp_runs,
+        first_dp_token=s.first_dp_token,
         times=dict(
             prefill=s.time_prefill,
             draft=s.time_draft,

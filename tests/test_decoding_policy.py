@@ -5,6 +5,7 @@ disk cache, calibration on a tiny model, and lossless greedy output under the po
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from clasp_ext.decoding import ClaspDecoder, generate
 from clasp_ext.decoding import cost_model as cm
 from clasp_ext.decoding.cost_model import CostTable
 from clasp_ext.decoding.policy import (
+    BRANCH,
     LAYER_SKIP,
     LONG_LOOKUP,
     LOOKUP,
@@ -255,6 +257,23 @@ def test_round_times_scale_a_measured_table_only():
         assert (pol.choose(MAX_DRAFT).kind == PLAIN) == scaled
 
 
+def test_tree_rounds_keep_their_own_time_ratio():
+    """Rounds that verified siblings are timed against the table as their own kind (BRANCH,
+    relative to the chain rounds): where the table read a long verify low (25 tokens 8% above 9)
+    and the tree rounds take 1.5x what it says while chains take what it says, siblings stop
+    being chosen and the chains' ratio is untouched."""
+    table = CostTable({1: 1.0, 2: 1.0, 4: 1.0, 9: 1.0, 25: 1.08}, 0.1, 1.0, repeats=3)
+    pol = CostPolicy(table, exit_threshold=False)
+    assert pol.branch_width(8, 8, 8, 2) > 0  # nearly free by the table
+    for _ in range(30):
+        pol.observe_time(LAYER_SKIP, 8, 8, pol.table_s(LAYER_SKIP, 8, 8))
+        pol.observe_time(BRANCH, 24, 8, 1.5 * pol.table_s(LAYER_SKIP, 24, 8))
+    assert pol.time_scale(LAYER_SKIP) == pytest.approx(1.0, abs=0.02)
+    assert pol.time_scale(BRANCH) == pytest.approx(1.5, rel=0.03)
+    assert pol.branch_width(8, 8, 8, 2) == 0
+    assert pol.choose(MAX_DRAFT).kind == LAYER_SKIP  # the chains still pay
+
+
 def test_online_costs_is_validated():
     model = tiny_model("llama", layers=2)
     with pytest.raises(ValueError, match="online_costs must be True or False"):
@@ -290,3 +309,115 @@ def test_calibration_measures_a_spike_again(monkeypatch):
     assert len(calls) == len(script)  # one more measurement, for T = 2 only
     assert t.verify_s[2] == 1.1 and t.verify_s[1] == 1.0
     assert t.draft_step_s == 0.2 and t.dp_s == 0.5
+
+
+def test_calibration_measures_a_slow_one_token_verify_again(monkeypatch):
+    """A 1-token verify above the longer ones is measured once more and the lower sample kept
+    (an interrupted sample goes, a real matrix-vector dip stays)."""
+    model = tiny_model("llama", layers=3)
+    dec = ClaspDecoder(model, policy="fixed", num_skip_layers=1)
+    lengths = cm.verify_lengths(9)
+    for again, want in ((1.05, 1.05), (1.9, 1.8)):  # interrupted / real
+        # verify 1 (slow), the longer ones, then T = 1 once more; the draft step, the DP
+        script = [1.8] + [1.0 + 0.1 * i for i in range(len(lengths) - 1)] + [again, 0.2, 0.5]
+        calls = []
+
+        def fake_median_time(fn, *args, script=script, calls=calls, **kwargs):
+            calls.append(fn)
+            return script[len(calls) - 1]
+
+        monkeypatch.setattr(cm, "median_time", fake_median_time)
+        t = cm.calibrate(dec.adapter, dec.draft_head, 1, 9, context=8, repeats=1)
+        assert len(calls) == len(script)
+        assert t.verify_s[1] == want and t.verify_s[2] == 1.0
+        assert t.draft_step_s == 0.2 and t.dp_s == 0.5
+
+
+def _deferred(model, table, **kw):
+    """A decoder whose first skip-set search waits until it pays (first_dp="auto"), layer-skip
+    drafts only, at most 4 tokens, no exit threshold, 24 tokens without EOS."""
+    kw = {
+        "policy": "cost",
+        "cost_table": table,
+        "first_dp": "auto",
+        "lookup_ngram": 0,
+        "num_skip_layers": 2,
+        "max_draft": 4,
+        "draft_exit_threshold": 0.0,
+        "max_new_tokens": 24,
+        "eos_token_id": [],
+        **kw,
+    }
+    return ClaspDecoder(model, **kw)
+
+
+@pytest.mark.parametrize("dp_steps", [0.5, 2.0, 1000.0])
+@torch.no_grad()
+def test_deferred_search_runs_once_the_plain_rounds_lost_its_cost(dp_steps):
+    """first_dp="auto" (the ski-rental rule): no search at prefill; each plain round adds what it
+    loses against the layer-skip draft the estimates promise (FLAT: a 4-token draft at the prior
+    acceptance emits ~3.4 tokens for ~1.8 steps), and the search runs after the round where the
+    losses reach the table's DP cost; a DP that costs more than the whole answer could save never
+    runs. Output equals model.generate either way."""
+    model = tiny_model("qwen2", layers=6, seed=5)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    table = CostTable(dict(FLAT.verify_s), FLAT.draft_step_s, dp_s=dp_steps)
+    pol = policy(table)
+    lost = pol.seconds_lost(pol.choose(0, layer_skip=False), pol.choose(4))
+    assert 0.3 < lost < 0.6  # a plain round at FLAT costs 1 step where the draft needs ~0.55
+    rounds = math.ceil(dp_steps / lost - 1e-9)  # plain rounds before the search
+    dec = _deferred(model, table)
+    out = dec.generate(ids)
+    s = out.stats
+    assert_lossless(model, out.sequences[0].tolist(), hf_greedy(model, ids, 24), ids.shape[1])
+    if rounds < 23:
+        assert s.dp_runs == 1 and s.first_dp_token == 1 + rounds
+        assert s.plain_rounds >= rounds and s.layer_skip_rounds > 0
+    else:  # 24 tokens never earn it back
+        assert s.dp_runs == 0 and s.first_dp_token == -1 and s.plain_rounds == s.rounds
+
+
+@torch.no_grad()
+def test_deferred_search_never_runs_where_layer_skip_cannot_pay():
+    """Where verifying costs like T steps (LINEAR) no round loses anything without a skip set:
+    no DP, plain steps only; with policy="fixed" first_dp="auto" searches at prefill."""
+    model = tiny_model("llama", layers=6, seed=2)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    s = _deferred(model, LINEAR).generate(ids).stats
+    assert s.dp_runs == 0 and s.plain_rounds == s.rounds
+    fixed = _deferred(model, None, policy="fixed").generate(ids).stats
+    assert fixed.dp_runs == 1 and fixed.first_dp_token == 0 and fixed.layer_skip_rounds > 0
+
+
+@torch.no_grad()
+def test_deferred_search_in_a_batch_runs_once_for_the_batch():
+    """Two rows, no skip set: their rounds' losses add up, one row searches, and both then draft
+    with the batch's set (the other row rides it without a DP of its own); rows lossless."""
+    from clasp_ext.decoding import BatchDecoder
+
+    model = tiny_model("qwen2", layers=6, seed=3)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (6, 11)]
+    table = CostTable(dict(FLAT.verify_s), FLAT.draft_step_s, dp_s=1.0)
+    dec = BatchDecoder(
+        model,
+        max_batch=2,
+        max_new_tokens=20,
+        eos_token_id=[],
+        max_cache_len=96,
+        policy="cost",
+        cost_tables={1: table, 2: table},
+        first_dp="auto",
+        lookup_ngram=0,
+        num_skip_layers=2,
+        max_draft=3,
+        draft_exit_threshold=0.0,
+    )
+    for p in prompts:
+        dec.add(torch.tensor(p))
+    done = sorted(dec.run(), key=lambda f: f.request_id)
+    assert dec.stats.dp_runs == 1 and dec.stats.layer_skip_rounds > 0
+    assert sorted(f.stats.dp_runs for f in done) == [0, 1]
+    for f, p in zip(done, prompts, strict=True):
+        assert f.stats.layer_skip_rounds > 0
+        assert_lossless(model, f.tokens, hf_greedy(model, torch.tensor([p]), 20), len(p))

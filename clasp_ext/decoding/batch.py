@@ -77,6 +77,7 @@ from clasp_ext.decoding.policy import (
     LOOKUP,
     PLAIN,
     SHORT_LOOKUP,
+    Choice,
     CostPolicy,
     lookup_source,
     observe_sources,
@@ -132,7 +133,10 @@ class _Sequence:
         self.lookup.reset(self.tokens)
         self.stats = ClaspStats()
         self.skip: list[bool] | None = None  # its DP's mask (None: no DP ran)
-        self.search_pending = False  # first_dp="first_round": its first search after round 1
+        self.search_pending = False  # its (first) search runs after this round
+        # first_dp="auto": no search yet; it runs once the rounds without a skip set have lost
+        # what it costs (BatchDecoder._defer_search)
+        self.search_deferred = False
         self.rounds_since_dp = 0  # rounds that aged its mask since its last search
         self.sources = None  # policy="cost": its acceptance estimates per draft source
         self.token_logits: list[Tensor] = []  # keep_logits: the full model's [V] per token
@@ -204,6 +208,7 @@ class BatchDecoder:
         self.stats = BatchStats()
         self._reads = 0  # device->host reads so far (_read)
         self._next_id = 0
+        self._lost_s = 0.0  # first_dp="auto": seconds lost so far without a skip set
         self._eos = set(c.eos_token_id)
         self._eos_ids = torch.tensor(sorted(self._eos), dtype=torch.long, device=self.device)
 
@@ -468,6 +473,8 @@ class BatchDecoder:
         elif self.layer_skip_ok and strategy in SEARCHED:
             if c.first_dp == "first_round":
                 seq.search_pending = True
+            elif c.first_dp == "auto" and self.policy is not None:
+                seq.search_deferred = True
             else:
                 self._search(seq, b, torch.stack([x[:, -1] for x in hs], 1), T - 1)
         st = seq.stats
@@ -492,6 +499,8 @@ class BatchDecoder:
         seq.skip = [bool(x) for x in host[:L]]
         seq.stats.importance = host[L:]
         seq.rounds_since_dp = 0
+        if seq.stats.dp_runs == 0:
+            seq.stats.first_dp_token = seq.stats.new_tokens
         seq.stats.dp_runs += 1
         self.stats.dp_runs += 1
         dt = time.perf_counter() - t
@@ -595,7 +604,34 @@ class BatchDecoder:
             return (LAYER_SKIP, k_ls) if k_ls > 0 else (PLAIN, 0)
         self.policy.table = self._table(B)
         choice = self.policy.choose_rows(caps, k_ls, looked, sources)
+        if k_ls == 0:
+            self._defer_search(caps, looked, sources, choice)
         return choice.kind, choice.k
+
+    def _defer_search(self, caps: list[int], looked, sources, choice: Choice) -> None:
+        """first_dp="auto", the ski-rental rule: the skip-set search costs a fixed dp_s (the
+        table's, scaled like the plain rounds' times) and pays back per token, so a short answer
+        or one that lookup drafts carry may never earn it back. While no row has a skip set,
+        each round adds what its choice loses against the round the estimates would choose with
+        one (``CostPolicy.seconds_lost``); once the losses reach dp_s, the row waiting longest
+        searches after this round, on this round's verify (at most twice the best schedule's
+        cost in hindsight, whatever the answer's length). The batch then drafts with its set."""
+        waiting = [s for s in self.rows if s.search_deferred]
+        k = min(self.config.max_draft, max(caps))
+        if not waiting:
+            self._lost_s = 0.0  # what rows that left lost is no reason for a search
+            return
+        if not self.layer_skip_ok or k == 0:
+            return
+        better = self.policy.choose_rows(caps, k, looked, sources)
+        self._lost_s += self.policy.seconds_lost(choice, better)
+        dp_s = self._measured(1).dp_s
+        if self.policy.scale_times:
+            dp_s *= self.policy.time_scale(PLAIN)
+        if self._lost_s >= dp_s:
+            waiting[0].search_deferred = False
+            waiting[0].search_pending = True
+            self._lost_s = 0.0
 
     def _draft(
         self,
@@ -764,7 +800,8 @@ class BatchDecoder:
         if self.policy is not None:  # the round's time against the table's
             steps = self.stats.draft_steps - steps0
             verified = k + (0 if tree is None else tree.num_siblings)
-            self.policy.observe_time(kind, verified, steps, t3 - t)
+            timed = BRANCH if tree is not None else kind  # tree rounds keep their own ratio
+            self.policy.observe_time(timed, verified, steps, t3 - t)
         self.stats.time_verify += t3 - t2
         self.stats.rounds += 1
         self.stats.row_rounds += B

@@ -37,7 +37,7 @@ POLICIES = ("fixed", "cost")
 # "agreed" skips only the layers every live row's DP skips (each layer some row keeps runs)
 BATCH_SKIP_RULES = ("vote", "agreed")
 SKIP_UNITS = ("layer", "mlp")  # what a draft skips in a layer of its skip set
-FIRST_DP = ("prefill", "first_round")
+FIRST_DP = ("prefill", "first_round", "auto")
 
 
 def _is_int(x) -> bool:
@@ -65,7 +65,10 @@ class ClaspConfig:
     update_interval: int = 8
     # where the first skip-set search targets: "prefill" = the prompt's last token (before any
     # output); "first_round" = the first output token, after one round drafted without layer skip
-    # (lookup or a plain step), as KnapSpec's CLaSp baseline does
+    # (lookup or a plain step), as KnapSpec's CLaSp baseline does; "auto" (policy="cost"; with
+    # "fixed" it is "prefill"): once the rounds run without a skip set have lost the DP's
+    # measured cost (the ski-rental rule, BatchDecoder._defer_search), so short answers and
+    # answers that lookup drafts carry need not pay for it
     first_dp: str = "prefill"
     draft_vocab_size: int | None = None  # draft lm_head over the first N ids + context; 0 = all
     lookup_ngram: int = DEFAULT_LOOKUP_NGRAM  # draft by context lookup first (lookup.py); 0 = off

@@ -117,11 +117,17 @@ class TimeScale:
     kind seen rarely (layer-skip drafts at batch 8, where most rounds are plain) starts from the
     plain rounds' ratio instead of the table's, and its own rounds teach how much slower or
     faster than that it runs. Seen alone (plain rounds rare, at batch 1), its relative ratio
-    carries all."""
+    carries all.
+
+    BRANCH: the layer-skip rounds that verified siblings (a token tree), relative to the chain
+    rounds' ratio. The table prices a tree as a chain of as many tokens; where its samples of a
+    long verify read low (three samples on a shared 2-core VM: verify of 25 tokens 8% above 8
+    where the forwards measure 50%), the tree rounds' own times correct the price of siblings
+    (``CostPolicy.branch_width``) without touching the chains'."""
 
     def __init__(self):
-        # PLAIN: the plain rounds' ratio; the others: their ratio over PLAIN's
-        self.r = {PLAIN: 1.0, LAYER_SKIP: 1.0, LOOKUP: 1.0}
+        # PLAIN: the plain rounds' ratio; the others: their ratio over their base's (_BASE)
+        self.r = {PLAIN: 1.0, LAYER_SKIP: 1.0, LOOKUP: 1.0, BRANCH: 1.0}
         self.n = dict.fromkeys(self.r, 0)
 
     @staticmethod
@@ -130,22 +136,26 @@ class TimeScale:
 
     def __call__(self, kind: str) -> float:
         g = self.group(kind)
-        return self.r[PLAIN] * (self.r[g] if g != PLAIN else 1.0)
+        return self.r[g] * (self(_BASE[g]) if g in _BASE else 1.0)
 
     def observe(self, kind: str, predicted_s: float, actual_s: float) -> None:
         """One round of ``kind``: the table said ``predicted_s``, it took ``actual_s``."""
         g = self.group(kind)
-        for other in self.r:
-            if other != g:
+        for other in self.r:  # a tree round is a layer-skip round: the chains' ratio holds
+            if other != g and not (g == BRANCH and other == LAYER_SKIP):
                 self.r[other] += RELAX * (1.0 - self.r[other])
         if predicted_s <= 0:
             return
         lo, hi = TIME_RATIO_RANGE
         x = min(hi, max(lo, actual_s / predicted_s))
-        if g != PLAIN:
-            x /= self.r[PLAIN]
+        if g in _BASE:
+            x /= self(_BASE[g])
         self.n[g] += 1
         self.r[g] += max(RATE, 1.0 / (self.n[g] + TIME_PRIOR_WEIGHT)) * (x - self.r[g])
+
+
+# the kind each round kind's time ratio is relative to (TimeScale)
+_BASE = {LAYER_SKIP: PLAIN, LOOKUP: PLAIN, BRANCH: LAYER_SKIP}
 
 
 class Source:
@@ -194,6 +204,7 @@ class Choice:
     kind: str  # PLAIN, LAYER_SKIP or one of LOOKUPS
     k: int  # draft length (lookup) or most draft tokens (layer skip); 0 for a plain step
     rate: float  # expected tokens per second
+    seconds: float = 0.0  # the round's expected seconds (rate x seconds = E tokens emitted)
 
 
 class CostPolicy:
@@ -234,7 +245,7 @@ class CostPolicy:
         k + 1 tokens."""
         if kind == PLAIN:
             return self.table.verify(1)
-        draft = steps * self.table.draft_step_s if kind == LAYER_SKIP else 0.0
+        draft = steps * self.table.draft_step_s if kind in (LAYER_SKIP, BRANCH) else 0.0
         return draft + self.table.verify(k + 1)
 
     @property
@@ -256,7 +267,7 @@ class CostPolicy:
         most 1..``k_max`` tokens (when ``layer_skip``)."""
         looked = [([0] * lookup_len, _NGRAM[lookup_kind])]
         best = self.choose_rows([k_max], k_max if layer_skip else 0, looked)
-        return Choice(lookup_kind, best.k, best.rate) if best.kind == LOOKUP else best
+        return Choice(lookup_kind, best.k, best.rate, best.seconds) if best.kind == LOOKUP else best
 
     def choose_rows(
         self,
@@ -274,8 +285,9 @@ class CostPolicy:
         beat a plain step by MIN_GAIN (BATCH_MIN_GAIN for batches). Returns kind LOOKUP for any
         lookup round."""
         B = len(caps)
-        plain = B / self.cost(PLAIN, 0)
-        best = Choice(PLAIN, 0, plain)
+        plain_s = self.cost(PLAIN, 0)
+        plain = B / plain_s
+        best = Choice(PLAIN, 0, plain, plain_s)
         floor = plain * (MIN_GAIN if B == 1 else BATCH_MIN_GAIN)
         srcs = sources or [self.sources] * B
         if k_layer_skip > 0:
@@ -283,9 +295,9 @@ class CostPolicy:
             es = [src[LAYER_SKIP].expected(k_layer_skip) for src in srcs]
             for k in range(1, k_layer_skip + 1):  # a row near its end drafts only up to its cap
                 emitted = sum(e[min(k, cap)][0] for e, cap in zip(es, caps, strict=True))
-                rate = emitted / self.cost(LAYER_SKIP, batch_draft_steps(es, caps, k), B)
-                if rate > max(floor, best.rate):
-                    best = Choice(LAYER_SKIP, k, rate)
+                seconds = self.cost(LAYER_SKIP, batch_draft_steps(es, caps, k), B)
+                if emitted / seconds > max(floor, best.rate):
+                    best = Choice(LAYER_SKIP, k, emitted / seconds, seconds)
         lens = [len(t) for t, _ in looked]
         if any(lens):
             per_row = [
@@ -294,10 +306,18 @@ class CostPolicy:
             ]
             for k in range(1, max(lens) + 1):
                 emitted = sum(e[min(k, len(e) - 1)][0] for e in per_row)
-                rate = emitted / self.cost(LOOKUP, k)
-                if rate > max(floor, best.rate):
-                    best = Choice(LOOKUP, k, rate)
+                seconds = self.cost(LOOKUP, k)
+                if emitted / seconds > max(floor, best.rate):
+                    best = Choice(LOOKUP, k, emitted / seconds, seconds)
         return best
+
+    def seconds_lost(self, chosen: Choice, with_layer_skip: Choice) -> float:
+        """What a round run as ``chosen`` (no skip set yet) loses against the round the estimates
+        would choose with one, ``with_layer_skip``: the seconds its expected tokens take at its
+        rate minus at the better one (0 where layer skip would not be chosen)."""
+        if with_layer_skip.rate <= chosen.rate or chosen.seconds <= 0:
+            return 0.0
+        return chosen.seconds * (1.0 - chosen.rate / with_layer_skip.rate)
 
     def branch_width(
         self, k: int, positions: int, steps: int, width_max: int, sources: dict | None = None
@@ -317,10 +337,12 @@ class CostPolicy:
             rejected += reach * (1.0 - acc.at(i))
             reach *= acc.at(i)
             emitted += reach
-        scale = self.time_scale(LAYER_SKIP) if self.scale_times else 1.0
+
+        def scale(w: int) -> float:  # a tree round's measured ratio (TimeScale), a chain's
+            return self.time_scale(BRANCH if w else LAYER_SKIP) if self.scale_times else 1.0
 
         def rate(w: int, hit: float) -> float:  # cost()'s round time, verifying the siblings too
-            seconds = self.table_s(LAYER_SKIP, k + positions * w, steps) * scale
+            seconds = self.table_s(LAYER_SKIP, k + positions * w, steps) * scale(w)
             return (emitted + rejected * hit) / (seconds + self.dp_s_per_round)
 
         best, best_rate, none = 0, rate(0, 0.0), 1.0

@@ -14,6 +14,7 @@ class ClaspStats:
     new_tokens: int = 0
     round_tokens: int = 0  # tokens emitted by verify rounds (excludes the prefill token)
     dp_runs: int = 0  # skip-set searches ("dp", "static", "importance"), at join and re-runs
+    first_dp_token: int = -1  # new tokens emitted before its first search (0: at prefill; -1: none)
     lookup_rounds: int = 0  # rounds whose draft came from context lookup (no draft forward)
     short_lookup_rounds: int = 0  # of those, drafts from a single-token match ("cost" only)
     layer_skip_rounds: int = 0  # rounds with a layer-skip draft
