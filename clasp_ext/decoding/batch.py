@@ -27,7 +27,8 @@ matches where every row has one, else ``max_draft`` layer-skip tokens. Either wa
 draft stops early when no row's draft is sure (its top-1 probability below
 ``draft_exit_threshold``, or an EOS). The skip set is shared by the rows: each sequence searches
 its own (skip_strategy "dp", "static", "importance": the DP of SPEC section 2, on its own row) on
-its last prompt token when it joins (with first_dp="first_round", on its first output token),
+its last prompt token when it joins (with first_dp="first_round", on its first output token;
+"auto", once the rounds without a set have lost what the search costs),
 "dp" and "importance" again every ``update_interval`` rounds that aged it, and the set skips the
 M layers most of the live rows' masks skip (``batch_skip_rule``; ties to the lower layer).
 
@@ -443,8 +444,8 @@ class BatchDecoder:
     @torch.no_grad()
     def _prefill(self, seq: _Sequence, b: int) -> None:
         """The prompt on row b alone, its first token, and its skip set: its search on its last
-        prompt token (or, with first_dp="first_round", on its first output token after round 1),
-        or its random mask."""
+        prompt token (or, with first_dp="first_round", on its first output token after round 1;
+        with "auto", once it pays: ``_defer_search``), or its random mask."""
         t = time.perf_counter()
         a, c = self.adapter, self.config
         self.draft_head.add([*seq.tokens, *self._eos])
