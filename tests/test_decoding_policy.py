@@ -18,6 +18,7 @@ from clasp_ext.decoding import cost_model as cm
 from clasp_ext.decoding.cost_model import CostTable
 from clasp_ext.decoding.policy import (
     BRANCH,
+    CHAIN_PROBE,
     LAYER_SKIP,
     LONG_LOOKUP,
     LOOKUP,
@@ -274,6 +275,29 @@ def test_tree_rounds_keep_their_own_time_ratio():
     assert pol.choose(MAX_DRAFT).kind == LAYER_SKIP  # the chains still pay
 
 
+def test_siblings_leave_a_chain_round_to_measure_their_base():
+    """While siblings are on (a measured table), every CHAIN_PROBE-th layer-skip round verifies
+    the chain alone, so the chains' time ratio stays measured: tree and chain rounds that both
+    run 1.2x the table (host work) leave siblings on; with a synthetic table no probing."""
+    table = CostTable({1: 1.0, 2: 1.0, 4: 1.0, 9: 1.0, 25: 1.08}, 0.1, 1.0, repeats=3)
+    pol = CostPolicy(table, exit_threshold=False)
+    widths = []
+    for _ in range(6 * CHAIN_PROBE):
+        w = pol.branch_width(8, 8, 8, 2)
+        widths.append(w)
+        kind, verified = (BRANCH, 8 + 8 * w) if w else (LAYER_SKIP, 8)
+        pol.observe_time(kind, verified, 8, 1.2 * pol.table_s(LAYER_SKIP, verified, 8))
+    # the second round probes the chain, then every CHAIN_PROBE-th
+    assert widths[:3] == [widths[0], 0, widths[0]] and widths[0] > 0
+    assert widths.count(0) == 6 and all(w > 0 for w in widths[2 : CHAIN_PROBE + 1])
+    assert pol.time_scale(LAYER_SKIP) == pytest.approx(1.2, rel=0.05)
+    assert pol.time_scale(BRANCH) == pytest.approx(1.2, rel=0.05)
+    synthetic = CostPolicy(FLAT, exit_threshold=False)
+    for _ in range(2 * CHAIN_PROBE):
+        synthetic.observe_time(BRANCH, 24, 8, 1.0)
+    assert synthetic.branch_width(8, 8, 8, 2) > 0
+
+
 def test_online_costs_is_validated():
     model = tiny_model("llama", layers=2)
     with pytest.raises(ValueError, match="online_costs must be True or False"):
@@ -378,11 +402,23 @@ def test_deferred_search_runs_once_the_plain_rounds_lost_its_cost(dp_steps):
 
 
 @torch.no_grad()
-def test_deferred_search_never_runs_where_layer_skip_cannot_pay():
-    """Where verifying costs like T steps (LINEAR) no round loses anything without a skip set:
-    no DP, plain steps only; with policy="fixed" first_dp="auto" searches at prefill."""
-    model = tiny_model("llama", layers=6, seed=2)
-    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+def test_rounds_that_lookup_carries_lose_nothing():
+    """A lookup round that beats the layer-skip round the estimates promise loses nothing, so
+    while lookup drafts carry the answer the search waits: on a prompt the model copies, the DP
+    runs later than with lookup off (FLAT, DP = 2 steps), after lookup rounds. Where verifying
+    costs like T steps (LINEAR) nothing can pay and no DP runs; with policy="fixed", "auto" is
+    "prefill"."""
+    model = tiny_model("qwen2", layers=6, seed=5)
+    ids = prompt_that_repeats_its_continuation(model)
+    table = CostTable(dict(FLAT.verify_s), FLAT.draft_step_s, dp_s=2.0)
+    pol = policy(table)
+    looked = pol.choose(0, 8, layer_skip=False, lookup_kind=LONG_LOOKUP)
+    assert looked.kind == LONG_LOOKUP
+    assert pol.seconds_lost(looked, pol.choose(4, 8, lookup_kind=LONG_LOOKUP)) == 0.0
+    alone = _deferred(model, table).generate(ids).stats
+    copied = _deferred(model, table, lookup_ngram=3).generate(ids).stats
+    assert alone.dp_runs == copied.dp_runs == 1 and alone.lookup_rounds == 0
+    assert copied.first_dp_token > alone.first_dp_token and copied.lookup_rounds > 0
     s = _deferred(model, LINEAR).generate(ids).stats
     assert s.dp_runs == 0 and s.plain_rounds == s.rounds
     fixed = _deferred(model, None, policy="fixed").generate(ids).stats

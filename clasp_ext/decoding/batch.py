@@ -28,7 +28,8 @@ draft stops early when no row's draft is sure (its top-1 probability below
 ``draft_exit_threshold``, or an EOS). The skip set is shared by the rows: each sequence searches
 its own (skip_strategy "dp", "static", "importance": the DP of SPEC section 2, on its own row) on
 its last prompt token when it joins (with first_dp="first_round", on its first output token;
-"auto", once the rounds without a set have lost what the search costs),
+"auto", once the rounds without a set have lost what the search costs, and one row's search
+then serves the batch: rows that join while it has a set draft with it and never search),
 "dp" and "importance" again every ``update_interval`` rounds that aged it, and the set skips the
 M layers most of the live rows' masks skip (``batch_skip_rule``; ties to the lower layer).
 
@@ -209,7 +210,6 @@ class BatchDecoder:
         self.stats = BatchStats()
         self._reads = 0  # device->host reads so far (_read)
         self._next_id = 0
-        self._lost_s = 0.0  # first_dp="auto": seconds lost so far without a skip set
         self._eos = set(c.eos_token_id)
         self._eos_ids = torch.tensor(sorted(self._eos), dtype=torch.long, device=self.device)
 
@@ -251,6 +251,7 @@ class BatchDecoder:
         even at batch 1, where verifying is cheapest); then no row runs a skip-set search."""
         c = self.config
         self.policy = None
+        self._lost_s = 0.0  # first_dp="auto": seconds lost so far without a skip set
         if c.policy == "cost":
             table = self._measured(1)
             dp = table.dp_s / c.update_interval if c.skip_strategy == "dp" else 0.0
@@ -616,7 +617,9 @@ class BatchDecoder:
         each round adds what its choice loses against the round the estimates would choose with
         one (``CostPolicy.seconds_lost``); once the losses reach dp_s, the row waiting longest
         searches after this round, on this round's verify (at most twice the best schedule's
-        cost in hindsight, whatever the answer's length). The batch then drafts with its set."""
+        cost in hindsight, whatever the answer's length). The batch then drafts with its set.
+        A row that ends in this round cannot search (nothing would use its set): the next one
+        does, or the losses wait for the next round."""
         waiting = [s for s in self.rows if s.search_deferred]
         k = min(self.config.max_draft, max(caps))
         if not waiting:
@@ -629,9 +632,10 @@ class BatchDecoder:
         dp_s = self._measured(1).dp_s
         if self.policy.scale_times:
             dp_s *= self.policy.time_scale(PLAIN)
-        if self._lost_s >= dp_s:
-            waiting[0].search_deferred = False
-            waiting[0].search_pending = True
+        searcher = next((s for s in waiting if s.remaining > 1), None)
+        if self._lost_s > 0 and self._lost_s >= dp_s and searcher is not None:
+            searcher.search_deferred = False
+            searcher.search_pending = True
             self._lost_s = 0.0
 
     def _draft(

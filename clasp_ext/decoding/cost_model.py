@@ -237,7 +237,8 @@ def calibrate(
     # one token above a longer verify may be a real dip (a slower matrix-vector path) or an
     # interrupted sample (AVX-512 EPYC, bf16: 314 ms against 177 ms for 2 tokens, where the
     # loop's 1-token forward measured 150-190 ms): measured once more, the lower counts
-    if verify_s[1] > SPIKE * min(v for t, v in verify_s.items() if t > 1):
+    longer = [v for t, v in verify_s.items() if t > 1]  # none where max_tokens is 1
+    if longer and verify_s[1] > SPIKE * min(longer):
         verify_s[1] = min(verify_s[1], median_time(lambda: verify(1), dev, repeats))
     draft_s = median_time(draft, dev, repeats, warmup=1, cheap_s=cheap)
     dp_s = 0.0

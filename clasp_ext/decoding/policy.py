@@ -82,6 +82,9 @@ BATCH_MIN_GAIN = 1.10
 # written off by its measured times is retried, as acceptance estimates are).
 TIME_RATIO_RANGE = (0.5, 2.0)
 TIME_PRIOR_WEIGHT = 4
+# While siblings are on, one layer-skip round in this many verifies its chain alone (TimeScale):
+# it gives up siblings' expected gain on that round (~5% of its tokens on the AMX Xeon).
+CHAIN_PROBE = 8
 
 
 class Estimate:
@@ -121,14 +124,21 @@ class TimeScale:
 
     BRANCH: the layer-skip rounds that verified siblings (a token tree), relative to the chain
     rounds' ratio. The table prices a tree as a chain of as many tokens; where its samples of a
-    long verify read low (three samples on a shared 2-core VM: verify of 25 tokens 8% above 8
-    where the forwards measure 50%), the tree rounds' own times correct the price of siblings
-    (``CostPolicy.branch_width``) without touching the chains'."""
+    long verify read low (three samples on the 2-core AVX-512 EPYC: verify of 25 tokens 8% above
+    8 where the forwards measure 50%), the tree rounds' own times correct the price of siblings
+    (``CostPolicy.branch_width``) without touching the chains'. Until a chain round has been
+    timed, the tree rounds' ratio stands in for the chains' (BRANCH stays 1: siblings priced as
+    the table says), so what slows every round (host work) is not blamed on the siblings; the
+    first chain round then replaces that stand-in, and tree rounds teach BRANCH from there. While
+    siblings are on, the round after the first tree round and then every CHAIN_PROBE-th
+    layer-skip round verify the chain alone (``branch_width``), so that base is measured early
+    and stays measured."""
 
     def __init__(self):
         # PLAIN: the plain rounds' ratio; the others: their ratio over their base's (_BASE)
         self.r = {PLAIN: 1.0, LAYER_SKIP: 1.0, LOOKUP: 1.0, BRANCH: 1.0}
         self.n = dict.fromkeys(self.r, 0)
+        self.stand_ins = 0  # tree rounds timed as chains (before any chain round was)
 
     @staticmethod
     def group(kind: str) -> str:
@@ -148,8 +158,16 @@ class TimeScale:
             return
         lo, hi = TIME_RATIO_RANGE
         x = min(hi, max(lo, actual_s / predicted_s))
+        if g == BRANCH and self.n[LAYER_SKIP] == 0:  # no chain timed yet: the trees stand in
+            self.stand_ins += 1
+            w = max(RATE, 1.0 / (self.stand_ins + TIME_PRIOR_WEIGHT))
+            self.r[LAYER_SKIP] += w * (x / self(PLAIN) - self.r[LAYER_SKIP])
+            return
         if g in _BASE:
             x /= self(_BASE[g])
+        if g == LAYER_SKIP and self.n[g] == 0 and self.stand_ins > 0:
+            self.n[g], self.r[g] = 1, x  # the first chain round replaces the trees' stand-in
+            return
         self.n[g] += 1
         self.r[g] += max(RATE, 1.0 / (self.n[g] + TIME_PRIOR_WEIGHT)) * (x - self.r[g])
 
@@ -231,6 +249,7 @@ class CostPolicy:
         # fed by the loops' observe_time; one ratio per round kind, whatever the batch size and
         # draft length (host work that grows with them is averaged in)
         self.time_scale = TimeScale()
+        self.tree_rounds = 0  # rounds that verified siblings since the last chain-alone one
 
     def cost(self, kind: str, drafted: float, rows: int = 1) -> float:
         """Expected seconds of a round that drafts ``drafted`` tokens (an expectation): the
@@ -256,6 +275,8 @@ class CostPolicy:
     def observe_time(self, kind: str, k: int, steps: int, seconds: float) -> None:
         """A round's draft and verify time (not the DP's): ``k`` tokens verified after the first,
         ``steps`` draft steps run."""
+        if kind in (BRANCH, LAYER_SKIP):
+            self.tree_rounds = self.tree_rounds + 1 if kind == BRANCH else 0
         if self.scale_times:
             self.time_scale.observe(kind, self.table_s(kind, k, steps), seconds)
 
@@ -351,6 +372,11 @@ class CostPolicy:
             r = rate(w, 1.0 - none)
             if r > best_rate:
                 best, best_rate = w, r
+        # the chain alone this round, so its time ratio stays measured (TimeScale): right after
+        # the first tree round, then every CHAIN_PROBE-th layer-skip round
+        untimed = self.time_scale.n[LAYER_SKIP] == 0
+        if best and self.scale_times and self.tree_rounds >= (1 if untimed else CHAIN_PROBE - 1):
+            return 0
         return best
 
     def may_choose(self, kind: str, k_max: int) -> bool:
