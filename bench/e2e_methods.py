@@ -45,6 +45,9 @@ class MethodResult:
     host_syncs_per_round: float | None = None
     round_kinds: dict | None = None  # rounds per kind: plain / lookup / short_lookup / layer_skip
     low_bit_bytes: int | None = None  # memory of the int8 draft copies (draft_weights="int8")
+    # rounds that verified siblings of the draft (branches.py), and those where one matched
+    branch_rounds: int | None = None
+    branch_hits: int | None = None
 
 
 # ---------------------------------------------------------------- transformers' methods
@@ -168,6 +171,8 @@ def _run_clasp(model, ids, ctx: Context, **overrides) -> MethodResult:
             layer_skip=s.layer_skip_rounds,
         ),
         low_bit_bytes=dec.low_bit_bytes,
+        branch_rounds=s.branch_rounds,
+        branch_hits=s.branch_hits,
     )
 
 
