@@ -16,6 +16,7 @@ emitted, so output is unchanged.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 PLAIN, LAYER_SKIP = "plain", "layer_skip"
@@ -160,8 +161,7 @@ class TimeScale:
         x = min(hi, max(lo, actual_s / predicted_s))
         if g == BRANCH and self.n[LAYER_SKIP] == 0:  # no chain timed yet: the trees stand in
             self.stand_ins += 1
-            w = max(RATE, 1.0 / (self.stand_ins + TIME_PRIOR_WEIGHT))
-            self.r[LAYER_SKIP] += w * (x / self(PLAIN) - self.r[LAYER_SKIP])
+            self._learn(LAYER_SKIP, x / self(PLAIN), self.stand_ins)
             return
         if g in _BASE:
             x /= self(_BASE[g])
@@ -169,7 +169,12 @@ class TimeScale:
             self.n[g], self.r[g] = 1, x  # the first chain round replaces the trees' stand-in
             return
         self.n[g] += 1
-        self.r[g] += max(RATE, 1.0 / (self.n[g] + TIME_PRIOR_WEIGHT)) * (x - self.r[g])
+        self._learn(g, x, self.n[g])
+
+    def _learn(self, g: str, x: float, n: int) -> None:
+        """Moves ratio g toward x: its first n observations weigh 1 / (n + TIME_PRIOR_WEIGHT),
+        later ones RATE."""
+        self.r[g] += max(RATE, 1.0 / (n + TIME_PRIOR_WEIGHT)) * (x - self.r[g])
 
 
 # the kind each round kind's time ratio is relative to (TimeScale)
@@ -288,7 +293,7 @@ class CostPolicy:
         most 1..``k_max`` tokens (when ``layer_skip``)."""
         looked = [([0] * lookup_len, _NGRAM[lookup_kind])]
         best = self.choose_rows([k_max], k_max if layer_skip else 0, looked)
-        return Choice(lookup_kind, best.k, best.rate, best.seconds) if best.kind == LOOKUP else best
+        return dataclasses.replace(best, kind=lookup_kind) if best.kind == LOOKUP else best
 
     def choose_rows(
         self,
