@@ -95,17 +95,30 @@ def median_time(
     return statistics.median(times)
 
 
-def median_times(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of each of ``fns`` (name -> function) over ``repeats`` rounds that call
-    every one once, in an order rotating from round to round, after ``warmup`` untimed rounds. A
-    shared machine whose speed drifts within the measurement moves them all together, so their
-    ratios hold where separate ``median_time`` runs would each catch a different speed."""
+def interleaved_times(
+    fns: dict, device: torch.device, counts, warmup: int = 1, rotation: int = 0
+) -> dict:
+    """Seconds of each call of ``fns`` (name -> function): ``counts`` timed calls of each (an int,
+    or name -> int), in rounds that call every function still short of its count once, in an
+    order rotating from round to round, after ``warmup`` untimed rounds of all. A shared machine
+    whose speed drifts within the measurement moves them all together, so their ratios hold
+    where separate ``median_time`` runs would each catch a different speed. ``rotation``: the
+    first round's (to go on from an earlier call's rounds)."""
     names = list(fns)
+    want = dict.fromkeys(names, counts) if isinstance(counts, int) else dict(counts)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict = {name: [] for name in names}
-    for r in range(repeats):
+    for r in range(rotation, rotation + max(want.values(), default=0)):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(_timed(fns[name], device))
+            if len(times[name]) < want[name]:
+                times[name].append(_timed(fns[name], device))
+    return times
+
+
+def median_times(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each of ``fns`` (name -> function) over ``repeats`` interleaved calls
+    (``interleaved_times``)."""
+    times = interleaved_times(fns, device, repeats, warmup)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -13,6 +13,7 @@ from decoding_models import FAMILIES, tiny_model
 from test_decoding_greedy import assert_lossless, hf_greedy
 from test_decoding_lookup import prompt_that_repeats_its_continuation
 
+from clasp_ext import timing
 from clasp_ext.decoding import ClaspDecoder, generate
 from clasp_ext.decoding import cost_model as cm
 from clasp_ext.decoding.cost_model import CostTable
@@ -163,8 +164,13 @@ def test_disk_cache_round_trips_and_is_keyed_by_setup(tmp_path, monkeypatch):
     again = ClaspDecoder(model, policy="cost", num_skip_layers=1, max_draft=3).cost_table
     assert again.verify_s == table.verify_s and again.setup == table.setup
     assert again.draft_step_s == table.draft_step_s and again.path == table.path
+    # a shorter longest verify reads the same table; a longer one measures it again, up to it
+    shorter = ClaspDecoder(model, policy="cost", num_skip_layers=1, max_draft=2, max_lookup=2)
+    assert shorter.cost_table is again
+    with pytest.raises(AssertionError, match="calibrated again"):
+        ClaspDecoder(model, policy="cost", num_skip_layers=1, max_draft=3, max_lookup=20)
     # another setup is another key (and would be measured)
-    for other in ({"num_skip_layers": 2}, {"max_lookup": 20}, {"draft_weights": "int8"}):
+    for other in ({"num_skip_layers": 2}, {"draft_weights": "int8"}):
         with pytest.raises(AssertionError, match="calibrated again"):
             ClaspDecoder(model, policy="cost", **{"num_skip_layers": 1, "max_draft": 3, **other})
     with pytest.raises(AssertionError, match="calibrated again"):
@@ -172,20 +178,25 @@ def test_disk_cache_round_trips_and_is_keyed_by_setup(tmp_path, monkeypatch):
     assert ClaspDecoder(model, max_draft=3, policy="fixed").cost_table is None  # measures nothing
 
 
-def test_calibration_on_tiny_model_is_fast_and_sane():
+def test_calibration_on_tiny_model_is_fast_and_sane(tmp_path, monkeypatch):
+    monkeypatch.setattr(cm, "_MEMORY", {})  # no table of another test
+    monkeypatch.setenv("CLASP_COST_TABLES", str(tmp_path))
     model = tiny_model("qwen2", layers=4)
     dec = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=MAX_DRAFT, max_lookup=4)
     t = dec.cost_table
     # the longest verify is measured: a layer-skip draft of 8 with 2 siblings per token
     longest = 1 + MAX_DRAFT * 3
     assert list(t.verify_s) == [1, 2, 4, 8, longest]
+    # decoders of the same setup with shorter rounds read that table
     chains = ClaspDecoder(
         model, policy="cost", num_skip_layers=2, max_draft=MAX_DRAFT, max_lookup=4, draft_branches=0
     )
-    assert list(chains.cost_table.verify_s) == [1, 2, 4, MAX_DRAFT + 1]
-    # or a lookup of 16 (17 tokens), the longer of the two
-    lookup = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=4, draft_branches=1)
-    assert max(lookup.cost_table.verify_s) == 17
+    assert chains.cost_table is t
+    # alone, chains measure up to their longest round: a lookup of 16 (17 tokens) here
+    monkeypatch.setattr(cm, "_MEMORY", {})
+    monkeypatch.setenv("CLASP_COST_TABLES", str(tmp_path / "alone"))
+    lookup = ClaspDecoder(model, policy="cost", num_skip_layers=2, max_draft=4, draft_branches=0)
+    assert list(lookup.cost_table.verify_s) == [1, 2, 4, 8, 17]
     assert all(s > 0 for s in t.verify_s.values()) and t.draft_step_s > 0 and t.dp_s > 0
     # monotone-ish: timing noise aside, more tokens do not cost much less
     assert t.verify_s[longest] > 0.5 * t.verify_s[1]
@@ -308,53 +319,45 @@ def test_interrupted_verify_samples_are_capped():
     """A verify of fewer tokens (past the first) never costs more than one of more: a spike (the
     3.89-step verify of 2 tokens one calibration read on a shared VM) is capped, a dip kept."""
     spiky = {1: 1.0, 2: 3.89, 4: 1.73, 8: 1.44, 25: 2.81}
-    assert cm.spikes(spiky) == [2, 4]
     assert cm.without_spikes(spiky) == {1: 1.0, 2: 1.44, 4: 1.44, 8: 1.44, 25: 2.81}
     dip = {1: 1.0, 2: 0.8, 4: 0.9, 8: 1.2}
-    assert cm.spikes(dip) == [] and cm.without_spikes(dip) == dip
+    assert cm.without_spikes(dip) == dip
     slow_one = {1: 3.0, 2: 1.0, 4: 1.1}  # a plain step above a 2-token verify: a real dip shape
     assert cm.without_spikes(slow_one) == slow_one
 
 
-def test_calibration_measures_a_spike_again(monkeypatch):
+def test_calibration_interleaves_and_keeps_each_lengths_fastest_call(monkeypatch):
+    """The verifies of every length and the draft step are timed in rounds that rotate their
+    order (a drift of the machine's speed hits all alike), and each keeps its fastest call: two
+    interrupted calls change nothing. A call over two plain steps is timed twice only."""
     model = tiny_model("llama", layers=3)
     dec = ClaspDecoder(model, policy="fixed", num_skip_layers=1)
-    lengths = cm.verify_lengths(9)
-    # verify 1, 2 (interrupted), the longer ones; then T = 2 once more; the draft step, the DP
-    script = [1.0, 5.0] + [1.2 + 0.1 * i for i in range(len(lengths) - 2)] + [1.1, 0.2, 0.5]
-    calls = []
+    a, ran = dec.adapter, []
+    forward = a.forward
 
-    def fake_median_time(fn, *args, **kwargs):
-        calls.append(fn)
-        return script[len(calls) - 1]
+    def recording(ids, *args, skip=None, **kw):
+        ran.append("draft" if skip is not None else ids.shape[1])
+        return forward(ids, *args, skip=skip, **kw)
 
-    monkeypatch.setattr(cm, "median_time", fake_median_time)
-    t = cm.calibrate(dec.adapter, dec.draft_head, 1, 9, context=8, repeats=1)
-    assert len(calls) == len(script)  # one more measurement, for T = 2 only
-    assert t.verify_s[2] == 1.1 and t.verify_s[1] == 1.0
-    assert t.draft_step_s == 0.2 and t.dp_s == 0.5
+    monkeypatch.setattr(a, "forward", recording)
+    timed = []
 
+    def fake_timed(fn, device):  # seconds by what the call ran, +5 on two calls
+        n = len(ran)
+        fn()
+        name = ran[n] if len(ran) > n else "dp"
+        timed.append(name)
+        s = 0.3 if name == "draft" else 0.5 if name == "dp" else 1.0 + 0.1 * name
+        return s + (5.0 if len(timed) in (2, 8) else 0.0)
 
-def test_calibration_measures_a_slow_one_token_verify_again(monkeypatch):
-    """A 1-token verify above the longer ones is measured once more and the lower sample kept
-    (an interrupted sample goes, a real matrix-vector dip stays)."""
-    model = tiny_model("llama", layers=3)
-    dec = ClaspDecoder(model, policy="fixed", num_skip_layers=1)
-    lengths = cm.verify_lengths(9)
-    for again, want in ((1.05, 1.05), (1.9, 1.8)):  # interrupted / real
-        # verify 1 (slow), the longer ones, then T = 1 once more; the draft step, the DP
-        script = [1.8] + [1.0 + 0.1 * i for i in range(len(lengths) - 1)] + [again, 0.2, 0.5]
-        calls = []
-
-        def fake_median_time(fn, *args, script=script, calls=calls, **kwargs):
-            calls.append(fn)
-            return script[len(calls) - 1]
-
-        monkeypatch.setattr(cm, "median_time", fake_median_time)
-        t = cm.calibrate(dec.adapter, dec.draft_head, 1, 9, context=8, repeats=1)
-        assert len(calls) == len(script)
-        assert t.verify_s[1] == want and t.verify_s[2] == 1.0
-        assert t.draft_step_s == 0.2 and t.dp_s == 0.5
+    monkeypatch.setattr(timing, "_timed", fake_timed)
+    t = cm.calibrate(a, dec.draft_head, 1, 9, context=8, repeats=3)
+    assert t.verify_s == pytest.approx({1: 1.1, 2: 1.2, 4: 1.4, 9: 1.9})
+    assert t.draft_step_s == pytest.approx(0.3) and t.dp_s == pytest.approx(0.5)
+    # round 1; round 2 rotated by one (its T = 9 interrupted); round 3 by two, without T = 2,
+    # whose first call (interrupted: 6.2 s) was over two plain steps
+    rounds = [[1, 2, 4, 9, "draft"], [2, 4, 9, "draft", 1], [4, 9, "draft", 1]]
+    assert timed[:14] == [x for r in rounds for x in r]
 
 
 def _deferred(model, table, **kw):

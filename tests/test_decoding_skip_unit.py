@@ -91,7 +91,7 @@ def test_skip_unit_is_validated_and_keys_the_cost_table():
     keys = {}
     for unit in ("layer", "mlp"):
         dec = ClaspDecoder(model, skip_unit=unit, num_skip_layers=1, policy="fixed")
-        setup = cost_model.setup_of(dec.adapter, dec.draft_head, 1, 4, 16)
+        setup = cost_model.setup_of(dec.adapter, dec.draft_head, 1, 16)
         keys[unit] = cost_model.key_of(setup)
         assert ("skip_unit" in setup) == (unit == "mlp")
     assert keys["layer"] != keys["mlp"]

@@ -431,9 +431,9 @@ class BatchDecoder:
         lo, t_hi = hi // 2, self._measured(hi)
         t_lo = self._measured(lo)
         w = (B - lo) / (hi - lo)
-        ts = sorted(set(t_lo.verify_s) & set(t_hi.verify_s))
+        ts = sorted(set(t_lo.verify_s) | set(t_hi.verify_s))  # each table interpolated at all
         table = CostTable(
-            verify_s={T: (1 - w) * t_lo.verify_s[T] + w * t_hi.verify_s[T] for T in ts},
+            verify_s={T: (1 - w) * t_lo.verify(T) + w * t_hi.verify(T) for T in ts},
             draft_step_s=(1 - w) * t_lo.draft_step_s + w * t_hi.draft_step_s,
             dp_s=0.0,
             setup={"interpolated_batch": B, "between": [lo, hi]},

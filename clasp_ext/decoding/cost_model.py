@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 from clasp_ext.decoding.layer_search import dp_skip_search
-from clasp_ext.timing import cpu_description, median_time
+from clasp_ext.timing import cpu_description, interleaved_times, median_time
 
-SCHEMA = 2  # 2: a slow 1-token verify measured again (tables of 1 are measured anew)
+# 2: a slow 1-token verify measured again; 3: interleaved minima, and one table per setup for
+# every longest verify up to the one it measured (no max_tokens in the key)
+SCHEMA = 3
 DEFAULT_CONTEXT = 128
 DEFAULT_REPEATS = 3
 
@@ -123,10 +125,9 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def setup_of(
-    adapter, draft_head, num_skip: int, max_tokens: int, context: int, low_bit=None, batch=1
-) -> dict:
-    """Everything the timings depend on (the cache key)."""
+def setup_of(adapter, draft_head, num_skip: int, context: int, low_bit=None, batch=1) -> dict:
+    """Everything the timings depend on (the cache key). Not the longest verify: one table
+    serves every longest verify up to the one it measured (``get_cost_table``)."""
     cfg = adapter.config
     rows = {"batch": int(batch)} if batch > 1 else {}  # batch-1 keys as before batches existed
     return dict(
@@ -150,7 +151,6 @@ def setup_of(
         **({"skip_unit": adapter.skip_unit} if adapter.skip_unit != "layer" else {}),
         draft_vocab=draft_head.size,
         draft_weights="original" if low_bit is None else low_bit.kind,
-        max_tokens=int(max_tokens),
         context=int(context),
     )
 
@@ -195,8 +195,9 @@ def calibrate(
 ) -> CostTable:
     """Times verify (every layer + the full head) for T = 1, 2, 4, ... ``max_tokens`` new tokens,
     one draft step (the last ``num_skip`` layers skipped: the cost depends on the count only) and
-    one DP run, each the median of ``repeats`` (after one warm-up call of the full and the draft
-    forward), or the faster of two calls when one costs over 2 steps. The draft step runs on
+    one DP run. The verifies and the draft step: the fastest of ``repeats`` calls each, in
+    interleaved rounds after one untimed round (the fastest of two where a call costs over 2
+    steps); the DP run: the median of ``repeats``. The draft step runs on
     ``low_bit``'s copies when one is given (low_bit.py), as the loop's does. Where
     verify is flat (GPU, bf16 matrix units) that is about 3 x (number of T + 2) steps; where it
     grows like T, about 3 + 2 x (2 + 4 + ... + max_tokens) steps plus two DP runs (a DP run costs
@@ -226,21 +227,21 @@ def calibrate(
         top1 = logits.float().softmax(-1).amax(-1)  # the exit-threshold read
         return torch.cat([logits.argmax(-1).double(), top1.double()]).tolist()
 
-    step = median_time(lambda: verify(1), dev, repeats, warmup=1)
-    cheap = 2 * step
-    verify_s = {1: step}
-    for T in verify_lengths(max_tokens)[1:]:
-        verify_s[T] = median_time(lambda T=T: verify(T), dev, repeats, cheap_s=cheap)
-    for T in spikes(verify_s):  # samples the machine interrupted: once more, the lower counts
-        verify_s[T] = min(verify_s[T], median_time(lambda T=T: verify(T), dev, repeats))
-    verify_s = without_spikes(verify_s)
-    # one token above a longer verify may be a real dip (a slower matrix-vector path) or an
-    # interrupted sample (AVX-512 EPYC, bf16: 314 ms against 177 ms for 2 tokens, where the
-    # loop's 1-token forward measured 150-190 ms): measured once more, the lower counts
-    longer = [v for t, v in verify_s.items() if t > 1]  # none where max_tokens is 1
-    if longer and verify_s[1] > SPIKE * min(longer):
-        verify_s[1] = min(verify_s[1], median_time(lambda: verify(1), dev, repeats))
-    draft_s = median_time(draft, dev, repeats, warmup=1, cheap_s=cheap)
+    # every verify length and the draft step in interleaved rounds (a drift of the machine's
+    # speed hits them alike), each length's fastest call (an interrupted call only adds time):
+    # measured one after another with medians of 3, two calibrations of one setup on the 2-core
+    # AVX-512 EPYC read verify 1/2/4/8 = 192/180/245/263 and 160/154/154/191 ms, and the policy
+    # chose other draft lengths from each (bench/results/calibration-*)
+    fns = {T: (lambda T=T: verify(T)) for T in verify_lengths(max_tokens)}
+    fns["draft"] = draft
+    first = interleaved_times(fns, dev, 1, warmup=1)
+    # a call over two plain steps (a long verify where verify grows like T) is timed once more
+    # only: there repeating costs the most
+    cheap = 2 * first[1][0]
+    more = {n: min(repeats, 2 if ts[0] > cheap else repeats) - 1 for n, ts in first.items()}
+    times = {n: first[n] + ts for n, ts in interleaved_times(fns, dev, more, 0, rotation=1).items()}
+    draft_s = min(times.pop("draft"))
+    verify_s = without_spikes({T: min(ts) for T, ts in times.items()})
     dp_s = 0.0
     if M > 0 and batch == 1:
         target = torch.randn(1, L + 1, adapter.hidden_size, generator=gen).to(dev, adapter.dtype)
@@ -261,11 +262,11 @@ def calibrate(
 
 
 # A verify of more tokens never costs less than one of fewer, past the first token (one token may
-# take a slower matrix-vector path: that dip is real, and kept). A T measured above a longer one by
-# more than this is a sample the machine interrupted: on a shared 2-core VM a verify of 2 tokens
-# once read 3.89 steps between 1.00 at 1 token and 1.73 at 4, and the policy, reading verifying
-# 2-3 tokens as 2-4 steps, ran plain steps for a whole benchmark run (bench/results/README.md).
-SPIKE = 1.15
+# take a slower matrix-vector path: that dip is real, and kept). A T measured above a longer one is
+# a sample the machine interrupted: on a shared 2-core VM a verify of 2 tokens once read 3.89
+# steps between 1.00 at 1 token and 1.73 at 4, and the policy, reading verifying 2-3 tokens as
+# 2-4 steps, ran plain steps for a whole benchmark run (bench/results/README.md). It is capped at
+# the longer one's cost (``without_spikes``).
 
 
 def _longer_min(verify_s: dict[int, float]) -> dict[int, float]:
@@ -276,11 +277,6 @@ def _longer_min(verify_s: dict[int, float]) -> dict[int, float]:
             out[t] = low
         low = min(low, verify_s[t])
     return out
-
-
-def spikes(verify_s: dict[int, float]) -> list[int]:
-    """The T >= 2 whose cost exceeds a longer measured T's by more than ``SPIKE``."""
-    return sorted(t for t, low in _longer_min(verify_s).items() if verify_s[t] > SPIKE * low)
 
 
 def without_spikes(verify_s: dict[int, float]) -> dict[int, float]:
@@ -301,23 +297,28 @@ def get_cost_table(
     batch: int = 1,
     refresh: bool = False,
 ) -> CostTable:
-    """The setup's table: from memory, else from disk, else measured (and saved). ``refresh``
-    measures again. A table that cannot be written (read-only home) is kept in memory only."""
-    setup = setup_of(adapter, draft_head, num_skip, max_tokens, context, low_bit, batch)
+    """The setup's table: from memory, else from disk, else measured (and saved); a table whose
+    longest verify is shorter than ``max_tokens`` is measured again up to it (so decoders of one
+    setup whose longest rounds differ read one table, not two calibrations that disagree by the
+    machine's noise). ``refresh`` measures again. A table that cannot be written (read-only home)
+    is kept in memory only."""
+    setup = setup_of(adapter, draft_head, num_skip, context, low_bit, batch)
     key = key_of(setup)
     path = cache_path(key)
-    if not refresh:
-        if key in _MEMORY:
-            return _MEMORY[key]
+    table = _MEMORY.get(key)
+    if table is None:
         try:
             table = CostTable.from_json(path.read_text())
-            if table.setup == setup:  # a hash collision or a hand-edited file: measure again
-                table.verify_s = without_spikes(table.verify_s)  # tables saved before the rule
-                table.path = str(path)
-                _MEMORY[key] = table
-                return table
+            table.path = str(path)
         except (OSError, ValueError, TypeError):
             pass
+    if table is not None and table.setup != setup:  # a hash collision or a hand-edited file
+        table = None
+    if table is not None:
+        if not refresh and max(table.verify_s) >= max_tokens:
+            _MEMORY[key] = table
+            return table
+        max_tokens = max(max_tokens, max(table.verify_s))  # the new table serves the old's too
     table = calibrate(
         adapter,
         draft_head,
