@@ -269,6 +269,29 @@ def test_round_times_scale_a_measured_table_only():
         assert (pol.choose(MAX_DRAFT).kind == PLAIN) == scaled
 
 
+def test_kinds_timed_before_the_plain_rounds_keep_their_ratio():
+    """Layer-skip rounds timed 1.45x the table before any plain round ran, then plain rounds 1.4x
+    (the AVX-512 EPYC, bench/results/calibration-*): layer-skip rounds stay priced at 1.45x, not
+    1.45 x 1.4 (at 2x, plain steps were chosen where drafts ran as fast); a kind not yet timed
+    follows the plain rounds, and once those have learned their level, a change of it carries
+    over to the kinds relative to them."""
+    table = CostTable(dict(FLAT.verify_s), FLAT.draft_step_s, FLAT.dp_s, repeats=3)
+    pol = CostPolicy(table, exit_threshold=False)
+    for _ in range(3):
+        pol.observe_time(LAYER_SKIP, 4, 4, 1.45 * pol.table_s(LAYER_SKIP, 4, 4))
+    ls = pol.time_scale(LAYER_SKIP)
+    for _ in range(20):
+        pol.observe_time(PLAIN, 0, 0, 1.4 * pol.table_s(PLAIN, 0, 0))
+    assert pol.time_scale(PLAIN) == pytest.approx(1.4, rel=0.05)
+    assert pol.time_scale(LAYER_SKIP) == pytest.approx(ls, rel=0.15)  # drifted a little only
+    assert pol.time_scale(LOOKUP) == pytest.approx(pol.time_scale(PLAIN))
+    assert pol.choose(MAX_DRAFT).kind == LAYER_SKIP
+    before = pol.time_scale(LAYER_SKIP) / pol.time_scale(PLAIN)
+    for _ in range(40):  # the machine slows down: plain rounds 2x the table
+        pol.observe_time(PLAIN, 0, 0, 2.0 * pol.table_s(PLAIN, 0, 0))
+    assert pol.time_scale(LAYER_SKIP) == pytest.approx(2.0 * before, rel=0.05)
+
+
 def test_tree_rounds_keep_their_own_time_ratio():
     """Rounds that verified siblings are timed against the table as their own kind (BRANCH,
     relative to the chain rounds): where the table read a long verify low (25 tokens 8% above 9)

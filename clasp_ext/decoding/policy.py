@@ -121,7 +121,11 @@ class TimeScale:
     kind seen rarely (layer-skip drafts at batch 8, where most rounds are plain) starts from the
     plain rounds' ratio instead of the table's, and its own rounds teach how much slower or
     faster than that it runs. Seen alone (plain rounds rare, at batch 1), its relative ratio
-    carries all.
+    carries all. While a base kind learns its level (its first TIME_PRIOR_WEIGHT rounds), the
+    kinds already timed on their own keep their ratios: their rounds measured them, against a
+    base that was still the table's guess (on the AVX-512 EPYC, layer-skip rounds timed 1.45x
+    the table before any plain round ran, then plain rounds 1.4x: relative to those, layer-skip
+    rounds were priced at 2x, and the policy chose plain steps that ran as long as a draft).
 
     BRANCH: the layer-skip rounds that verified siblings (a token tree), relative to the chain
     rounds' ratio. The table prices a tree as a chain of as many tokens; where its samples of a
@@ -165,11 +169,21 @@ class TimeScale:
             return
         if g in _BASE:
             x /= self(_BASE[g])
+        # the kinds timed on their own keep their measured ratios while g learns its level
+        held = {d: self(d) for d, base in _BASE.items() if base == g and self._timed(d)}
+        if self.n[g] >= TIME_PRIOR_WEIGHT:
+            held = {}
         if g == LAYER_SKIP and self.n[g] == 0 and self.stand_ins > 0:
             self.n[g], self.r[g] = 1, x  # the first chain round replaces the trees' stand-in
-            return
-        self.n[g] += 1
-        self._learn(g, x, self.n[g])
+        else:
+            self.n[g] += 1
+            self._learn(g, x, self.n[g])
+        for d, ratio in held.items():
+            self.r[d] = ratio / self(g)
+
+    def _timed(self, kind: str) -> bool:
+        """Whether rounds of ``kind`` have been timed (tree rounds standing in for chains count)."""
+        return self.n[kind] > 0 or (kind == LAYER_SKIP and self.stand_ins > 0)
 
     def _learn(self, g: str, x: float, n: int) -> None:
         """Moves ratio g toward x: its first n observations weigh 1 / (n + TIME_PRIOR_WEIGHT),
