@@ -132,3 +132,24 @@ def test_family_that_tests_for_sdpa_by_name_keeps_sdpa():
     model = tf.FalconForCausalLM(cfg).eval()
     a = ModelAdapter(model)
     assert a.masked_attn_implementation == a.forward_attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
+@torch.no_grad()
+def test_a_prefill_runs_causal_sdpa_without_a_mask(family):
+    """A forward from slot 0 hands sdpa no mask where no sliding window binds (transformers'
+    sdpa then runs it causal: half the work, the flash kernel), and computes what the masked
+    forward computes; a verify from a later slot keeps its mask."""
+    model = tiny_model(family, layers=2, seed=3)
+    a = ModelAdapter(model)
+    T = 10  # past the tiny models' sliding window of 8: there the mask stays
+    pos = torch.arange(T)
+    for w, m in a.causal_masks(pos, T, from_zero=True).items():
+        assert (m is None) == (w is None or w >= T)
+    assert all(m is not None for m in a.causal_masks(pos + 3, T + 3).values())
+    ids = torch.randint(3, 100, (1, T), generator=torch.Generator().manual_seed(0))
+    unmasked, _ = a.forward(ids, 0, a.new_cache(T + 2))
+    masked_fn = a.causal_masks
+    a.causal_masks = lambda q, kv_len, from_zero=False: masked_fn(q, kv_len)
+    masked, _ = a.forward(ids, 0, a.new_cache(T + 2))
+    torch.testing.assert_close(unmasked, masked, atol=1e-5, rtol=1e-5)

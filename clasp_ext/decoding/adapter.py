@@ -508,7 +508,7 @@ class ModelAdapter:
             masks = self.row_masks(pos_ids, kv_len)
         else:
             pos_ids = (start + steps)[None]
-            masks = self.causal_masks(pos_ids[0], start + T)
+            masks = self.causal_masks(pos_ids[0], start + T, from_zero=start == 0)
         return h, pos_ids, self.position_embeddings(h, pos_ids), masks
 
     def layer_attention(self, start: int | Tensor, tree: bool = False):
@@ -529,7 +529,9 @@ class ModelAdapter:
         neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=allowed.device)
         return torch.where(allowed, zero, neg)[None, None]
 
-    def causal_masks(self, q_positions: Tensor, kv_len: int) -> dict[int | None, Tensor | None]:
+    def causal_masks(
+        self, q_positions: Tensor, kv_len: int, from_zero: bool = False
+    ) -> dict[int | None, Tensor | None]:
         """Masks for queries at ``q_positions`` [T] over cache slots [0, kv_len) where slot s holds
         position s: causal, and within the window for sliding layers. One per distinct window.
 
@@ -537,13 +539,22 @@ class ModelAdapter:
         ``[0, kv_len)`` (``set_write(start)`` with queries at ``start .. kv_len - 1``). Flash
         attention gets no mask (``None``, as transformers' own flash path does): its causal mask is
         aligned to the bottom right, i.e. the last query sees exactly the last key slot, which is
-        this layout, and the attention module passes its own sliding window."""
+        this layout, and the attention module passes its own sliding window.
+
+        ``from_zero``: the queries are every slot of the view (a prefill). sdpa then gets no mask
+        where no window binds: transformers' sdpa runs it causal (``is_causal``), which skips the
+        masked half and takes the flash kernel; with the mask a 969-token prefill of
+        Qwen2.5-1.5B (bf16, AVX-512 EPYC) took 7.2-8.1 s against 6.7-7.5 s."""
         if self.is_flash:
             return dict.fromkeys(set(self.windows))
+        sdpa = self.forward_attn_implementation in ("sdpa", attention.PACKED_GQA_SDPA)
         slots = torch.arange(kv_len, device=q_positions.device)
         q = q_positions[:, None]
         masks = {}
         for w in set(self.windows):
+            if from_zero and sdpa and (w is None or w >= kv_len):
+                masks[w] = None
+                continue
             allowed = slots[None, :] <= q
             if w is not None:
                 allowed = allowed & (slots[None, :] > q - w)
