@@ -110,8 +110,9 @@ class CostTable:
             f"({dp / one:.2f}x)"
         )
         lines.append(
-            f"context {self.context} tokens, median of {self.repeats}, calibration took "
-            f"{self.calibration_s:.2f} s ({self.calibration_s / one:.0f} steps' worth)"
+            f"context {self.context} tokens, fastest of {self.repeats} interleaved calls, "
+            f"calibration took {self.calibration_s:.2f} s ({self.calibration_s / one:.0f} steps' "
+            "worth)"
         )
         return "\n".join(lines)
 
