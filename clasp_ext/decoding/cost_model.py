@@ -339,5 +339,9 @@ def get_cost_table(
         table.path = str(path)
     except OSError as e:
         warnings.warn(f"clasp_ext: could not save the cost table to {path}: {e}", stacklevel=2)
+    old = _MEMORY.get(key)
+    if old is not None:  # decoders holding the shorter table read the new one too
+        vars(old).update(vars(table))
+        table = old
     _MEMORY[key] = table
     return table

@@ -121,8 +121,9 @@ class TimeScale:
     kind seen rarely (layer-skip drafts at batch 8, where most rounds are plain) starts from the
     plain rounds' ratio instead of the table's, and its own rounds teach how much slower or
     faster than that it runs. Seen alone (plain rounds rare, at batch 1), its relative ratio
-    carries all. While a base kind learns its level (its first TIME_PRIOR_WEIGHT rounds), the
-    kinds already timed on their own keep their ratios: their rounds measured them, against a
+    carries all. While a base kind learns its level (until the table's prior weighs at most
+    RATE in its ratio, ``prior_left``: 12 rounds), the kinds already timed on their own keep
+    their ratios: their rounds measured them, against a
     base that was still the table's guess (on the AVX-512 EPYC, layer-skip rounds timed 1.45x
     the table before any plain round ran, then plain rounds 1.4x: relative to those, layer-skip
     rounds were priced at 2x, and the policy chose plain steps that ran as long as a draft).
@@ -171,7 +172,7 @@ class TimeScale:
             x /= self(_BASE[g])
         # the kinds timed on their own keep their measured ratios while g learns its level
         held = {d: self(d) for d, base in _BASE.items() if base == g and self._timed(d)}
-        if self.n[g] >= TIME_PRIOR_WEIGHT:
+        if prior_left(self.n[g]) <= RATE:
             held = {}
         if g == LAYER_SKIP and self.n[g] == 0 and self.stand_ins > 0:
             self.n[g], self.r[g] = 1, x  # the first chain round replaces the trees' stand-in
@@ -193,6 +194,16 @@ class TimeScale:
 
 # the kind each round kind's time ratio is relative to (TimeScale)
 _BASE = {LAYER_SKIP: PLAIN, LOOKUP: PLAIN, BRANCH: LAYER_SKIP}
+
+
+def prior_left(n: int) -> float:
+    """The weight the table's ratio (1) keeps in a kind's ratio after its first n observations
+    (``TimeScale._learn``): 0.8, 0.67, 0.57, then x 0.85 per round (RATE); at most RATE after 12.
+    While it is above RATE the kind is still learning its level."""
+    left = 1.0
+    for i in range(1, n + 1):
+        left *= 1.0 - max(RATE, 1.0 / (i + TIME_PRIOR_WEIGHT))
+    return left
 
 
 class Source:
