@@ -21,6 +21,7 @@ from clasp_ext.decoding.policy import (
     BRANCH,
     CHAIN_PROBE,
     LAYER_SKIP,
+    LEVEL_ROUNDS,
     LONG_LOOKUP,
     LOOKUP,
     PLAIN,
@@ -283,7 +284,7 @@ def test_kinds_timed_before_the_plain_rounds_keep_their_ratio():
     1.45 x 1.4 (at 2x, plain steps were chosen where drafts ran as fast); a kind not yet timed
     follows the plain rounds, and once those have learned their level, a change of it carries
     over to the kinds relative to them."""
-    assert prior_left(11) > RATE >= prior_left(12)
+    assert prior_left(11) > RATE >= prior_left(12) and LEVEL_ROUNDS == 12
     table = CostTable(dict(FLAT.verify_s), FLAT.draft_step_s, FLAT.dp_s, repeats=3)
     pol = CostPolicy(table, exit_threshold=False)
     for _ in range(30):

@@ -121,10 +121,10 @@ class TimeScale:
     kind seen rarely (layer-skip drafts at batch 8, where most rounds are plain) starts from the
     plain rounds' ratio instead of the table's, and its own rounds teach how much slower or
     faster than that it runs. Seen alone (plain rounds rare, at batch 1), its relative ratio
-    carries all. While a base kind learns its level (until the table's prior weighs at most
-    RATE in its ratio, ``prior_left``: 12 rounds), the kinds already timed on their own keep
-    their ratios: their rounds measured them, against a
-    base that was still the table's guess (on the AVX-512 EPYC, layer-skip rounds timed 1.45x
+    carries all. While a base kind learns its level (LEVEL_ROUNDS: until the table's prior
+    weighs at most RATE in its ratio, ``prior_left``; 12 rounds), the kinds already timed on
+    their own keep their ratios: their rounds measured them, against a base that was still the
+    table's guess (on the AVX-512 EPYC, layer-skip rounds timed 1.45x
     the table before any plain round ran, then plain rounds 1.4x: relative to those, layer-skip
     rounds were priced at 2x, and the policy chose plain steps that ran as long as a draft).
 
@@ -171,9 +171,9 @@ class TimeScale:
         if g in _BASE:
             x /= self(_BASE[g])
         # the kinds timed on their own keep their measured ratios while g learns its level
-        held = {d: self(d) for d, base in _BASE.items() if base == g and self._timed(d)}
-        if prior_left(self.n[g]) <= RATE:
-            held = {}
+        held = {}
+        if self.n[g] < LEVEL_ROUNDS:
+            held = {d: self(d) for d, base in _BASE.items() if base == g and self._timed(d)}
         if g == LAYER_SKIP and self.n[g] == 0 and self.stand_ins > 0:
             self.n[g], self.r[g] = 1, x  # the first chain round replaces the trees' stand-in
         else:
@@ -187,13 +187,18 @@ class TimeScale:
         return self.n[kind] > 0 or (kind == LAYER_SKIP and self.stand_ins > 0)
 
     def _learn(self, g: str, x: float, n: int) -> None:
-        """Moves ratio g toward x: its first n observations weigh 1 / (n + TIME_PRIOR_WEIGHT),
-        later ones RATE."""
-        self.r[g] += max(RATE, 1.0 / (n + TIME_PRIOR_WEIGHT)) * (x - self.r[g])
+        """Moves ratio g toward x, the n-th observation weighing ``time_rate(n)``."""
+        self.r[g] += time_rate(n) * (x - self.r[g])
 
 
 # the kind each round kind's time ratio is relative to (TimeScale)
 _BASE = {LAYER_SKIP: PLAIN, LOOKUP: PLAIN, BRANCH: LAYER_SKIP}
+
+
+def time_rate(n: int) -> float:
+    """The weight of a kind's n-th round time (TimeScale): 1 / (n + TIME_PRIOR_WEIGHT), at
+    least RATE."""
+    return max(RATE, 1.0 / (n + TIME_PRIOR_WEIGHT))
 
 
 def prior_left(n: int) -> float:
@@ -202,8 +207,13 @@ def prior_left(n: int) -> float:
     While it is above RATE the kind is still learning its level."""
     left = 1.0
     for i in range(1, n + 1):
-        left *= 1.0 - max(RATE, 1.0 / (i + TIME_PRIOR_WEIGHT))
+        left *= 1.0 - time_rate(i)
     return left
+
+
+# the rounds a kind takes to learn its level: until then the kinds timed relative to it keep
+# their own measured ratios (TimeScale.observe)
+LEVEL_ROUNDS = next(n for n in range(1, 100) if prior_left(n) <= RATE)
 
 
 class Source:
