@@ -48,6 +48,9 @@ class MethodResult:
     # rounds that verified siblings of the draft (branches.py), and those where one matched
     branch_rounds: int | None = None
     branch_hits: int | None = None
+    # ar only: seconds from the call to each new token (e2e_report.speedup compares an output a
+    # near-tie made shorter or longer against ar's time to as many tokens)
+    token_times: list | None = None
 
 
 # ---------------------------------------------------------------- transformers' methods
@@ -90,15 +93,36 @@ class _CandidateCounter:
             self.cls.get_candidates = original
 
 
-def _run_hf(model, ids, ctx: Context, counter_cls=None, **extra) -> MethodResult:
+class _TokenClock:
+    """A transformers streamer that only notes when each new token arrives (the first ``put`` is
+    the prompt)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.times.extend([time.perf_counter() - self.start] * max(1, value.numel()))
+        self._prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def _run_hf(model, ids, ctx: Context, counter_cls=None, clock=False, **extra) -> MethodResult:
     cfg = _hf_config(ctx, **extra)
     counter = _CandidateCounter(counter_cls) if counter_cls else None
     with counter.active() if counter else contextlib.nullcontext():
         t = time.perf_counter()
-        out = model.generate(ids, generation_config=cfg)
+        streamer = _TokenClock() if clock else None
+        out = model.generate(ids, generation_config=cfg, streamer=streamer)
         wall = time.perf_counter() - t
     new = out[0, ids.shape[1] :].tolist()
     r = MethodResult(new_tokens=new, wall_s=wall)
+    if streamer is not None and len(streamer.times) == len(new):
+        r.token_times = [round(x, 5) for x in streamer.times]
     if counter is not None:
         r.rounds = counter.rounds
         r.drafted = counter.drafted
@@ -108,7 +132,7 @@ def _run_hf(model, ids, ctx: Context, counter_cls=None, **extra) -> MethodResult
 
 
 def run_ar(model, ids, ctx):
-    return _run_hf(model, ids, ctx)
+    return _run_hf(model, ids, ctx, clock=True)
 
 
 def run_pld(model, ids, ctx):

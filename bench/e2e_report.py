@@ -1,7 +1,7 @@
 """Summaries of the end-to-end benchmark's per-prompt records: per method and category group, and
-overall. Speedup is the geometric mean over prompts of ar's seconds per new token over the
-method's (``speedup``: the wall-time ratio where the outputs are equal), the two measured back to
-back in one process; tokens/s is total new tokens over total wall time."""
+overall. Speedup is the geometric mean over prompts of ``speedup``: the wall-time ratio against
+ar where the outputs are equal, else the method's time against ar's time to as many tokens (the
+two measured back to back in one process); tokens/s is total new tokens over total wall time."""
 
 from __future__ import annotations
 
@@ -21,11 +21,23 @@ def _ratio(a, b):
 
 def speedup(ar: dict, method: dict) -> float:
     """A method's speedup over ``ar`` on one prompt (records with ``wall_s`` and
-    ``num_new_tokens``): ar's seconds per new token over the method's. The wall-time ratio where
-    the outputs are equal; where a near-tie made them differ in length (one stopping at an EOS
-    the other passed), the same work per token instead of more tokens counted as slower."""
-    per_token = lambda r: r["wall_s"] / max(1, r["num_new_tokens"])  # noqa: E731
-    return per_token(ar) / per_token(method)
+    ``num_new_tokens``). The wall-time ratio where the outputs are equal. Where a near-tie made
+    them differ in length (one stopping at an EOS the other passed), the same work on both sides:
+    the method's wall time against ar's time to its ``n`` new tokens, read off ar's per-token
+    timestamps (``token_times``, seconds from the call to each new token; past ar's last token,
+    its mean decode step). Without timestamps, seconds per new token, which charges the prefill
+    to fewer tokens on the shorter side."""
+    n, n_ar = method["num_new_tokens"], ar["num_new_tokens"]
+    times = ar.get("token_times")
+    if n == n_ar or not times or n < 1:
+        per_token = lambda r: r["wall_s"] / max(1, r["num_new_tokens"])  # noqa: E731
+        return per_token(ar) / per_token(method)
+    if n <= len(times):
+        ar_s = times[n - 1]
+    else:
+        step = (times[-1] - times[0]) / max(1, len(times) - 1)
+        ar_s = ar["wall_s"] + (n - len(times)) * step
+    return ar_s / method["wall_s"]
 
 
 def summarize(records: list[dict], methods: list[str], groups: list[str]) -> list[dict]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -48,6 +49,32 @@ def test_speedup_is_per_new_token_where_a_near_tie_changed_the_length():
     assert e2e_report.speedup(ar, longer) == pytest.approx(2.0)
     rows = e2e_report.summarize([ar, longer], ["ar", "clasp"], ["qa"])
     assert {(r["group"], r["method"]): r["speedup"] for r in rows}[("qa", "clasp")] == 2.0
+
+
+def test_speedup_of_a_different_length_uses_ars_time_to_as_many_tokens():
+    """With ar's per-token timestamps, an output a near-tie ended early is compared with ar's time
+    to the same number of tokens (the prefill charged to both alike); one that ran past ar's last
+    token, with ar's mean decode step added for each extra token."""
+    # ar: 4 s prefill, then 1 s per token: token k (1-based) at 4 + k seconds; 10 tokens, 14 s
+    ar = rec(1, "summ", "ar", 14.0, tokens=10)
+    ar["token_times"] = [4.0 + k for k in range(1, 11)]
+    shorter = rec(1, "summ", "clasp", 3.0, tokens=5, eq=False)  # 5 tokens in 3 s; ar needs 9 s
+    assert e2e_report.speedup(ar, shorter) == pytest.approx(9.0 / 3.0)
+    longer = rec(1, "summ", "clasp", 8.0, tokens=12, eq=False)  # ar would need 14 + 2 s
+    assert e2e_report.speedup(ar, longer) == pytest.approx(16.0 / 8.0)
+    same = rec(1, "summ", "clasp", 7.0, tokens=10)
+    assert e2e_report.speedup(ar, same) == pytest.approx(2.0)
+    # per new token instead, the shorter output would read 2.8 / 1.4 / ... : prefill on 5 tokens
+    del ar["token_times"]
+    assert e2e_report.speedup(ar, shorter) == pytest.approx((14.0 / 10) / (3.0 / 5))
+
+
+def test_ar_records_when_each_new_token_arrived():
+    clock = e2e_methods._TokenClock()
+    clock.put(torch.zeros(1, 7))  # the prompt
+    clock.put(torch.zeros(1))
+    clock.put(torch.zeros(1))
+    assert len(clock.times) == 2 and 0 <= clock.times[0] <= clock.times[1]
 
 
 def test_summary_speedup_is_the_geometric_mean_of_per_prompt_ratios():
