@@ -49,9 +49,7 @@ import bench_e2e  # noqa: E402
 from clasp_ext import timing  # noqa: E402
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding import layer_search, low_bit  # noqa: E402
-from clasp_ext.decoding.adapter import MLP_NAMES, ModelAdapter  # noqa: E402
-
-ATTN_NAMES = ("self_attn", "attention", "attn")
+from clasp_ext.decoding.adapter import ATTN_NAMES, MLP_NAMES, ModelAdapter  # noqa: E402
 
 
 class Blocks:
@@ -245,6 +243,13 @@ def parse_args(argv=None):
     p.add_argument("--records", type=Path, help="bench_e2e records.json with ar's outputs")
     p.add_argument("--skip", type=int, nargs="+", default=[8, 10, 12], help="whole-layer M")
     p.add_argument("--draft-weights", default="auto", choices=["auto", *low_bit.KINDS, "original"])
+    p.add_argument(
+        "--keep-blocks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="blocks the knapsack DP never skips (2l: layer l's attention, 2l + 1: its MLP)",
+    )
     p.add_argument("--max-draft", type=int, default=8)
     p.add_argument("--repeats", type=int, default=15, help="timed calls per draft step")
     p.add_argument("--threads", type=int, default=2)
@@ -285,6 +290,9 @@ def main(argv=None):
         unit = min(t_attn, t_mlp)
         c_attn, c_mlp = max(1, round(t_attn / unit)), max(1, round(t_mlp / unit))
         costs = [c_attn, c_mlp] * L
+        W_most = max(args.skip) * (c_attn + c_mlp)
+        for u in args.keep_blocks:  # a cost no budget affords
+            costs[u] = W_most + 1
         print(
             f"block costs at 1 token: attention {t_attn * 1e3:.2f} ms, MLP {t_mlp * 1e3:.2f} ms "
             f"-> weights {c_attn} / {c_mlp}"
@@ -374,6 +382,7 @@ def main(argv=None):
                 flush=True,
             )
             _save(args, rows, dict(attn_s=t_attn, mlp_s=t_mlp, weights=[c_attn, c_mlp], kind=kind))
+    print((args.out / "table.md").read_text())
 
 
 def _save(args, rows, costs):
@@ -398,6 +407,7 @@ def _save(args, rows, costs):
         model=args.model,
         dtype=args.dtype,
         block_costs=costs,
+        keep_blocks=args.keep_blocks,
     )
     (args.out / "records.json").write_text(
         json.dumps(dict(meta=meta, summary=summary, rows=rows), indent=1)
@@ -424,6 +434,22 @@ def _save(args, rows, costs):
             f"{s['draft_step_vs_full']:.3f} | "
             f"{s['search_s']:.2f} |"
         )
+    # each cost's block set against its whole-layer set, prompt by prompt (the means above can
+    # hide a split)
+    names = list(summary)
+    lines += [
+        "",
+        "| pair | prompts where blocks draft better: accuracy / tau (ties) |",
+        "|---|---|",
+    ]
+    for layers, blocks in zip(names[1::2], names[2::2], strict=False):
+        by = {(r["prompt"], r["set"]): r for r in rows}
+        prompts = [p for p, n in by if n == layers and (p, blocks) in by]
+        counts = []
+        for key in ("first_token_accuracy", "tau"):
+            d = [by[p, blocks][key] - by[p, layers][key] for p in prompts]
+            counts.append(f"{sum(x > 0 for x in d)} / {len(d)} ({sum(x == 0 for x in d)})")
+        lines.append(f"| {blocks} vs {layers} | accuracy {counts[0]}, tau {counts[1]} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
 
 

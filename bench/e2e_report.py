@@ -25,8 +25,10 @@ def speedup(ar: dict, method: dict) -> float:
     them differ in length (one stopping at an EOS the other passed), the same work on both sides:
     the method's wall time against ar's time to its ``n`` new tokens, read off ar's per-token
     timestamps (``token_times``, seconds from the call to each new token; past ar's last token,
-    its mean decode step). Without timestamps, seconds per new token, which charges the prefill
-    to fewer tokens on the shorter side."""
+    its mean decode step). ar's n-th timestamp leaves out the rest of its call (its last steps'
+    bookkeeping), the method's wall time does not: a bias of a few milliseconds against the
+    method. Without timestamps, seconds per new token, which charges the prefill to fewer tokens
+    on the shorter side."""
     n, n_ar = method["num_new_tokens"], ar["num_new_tokens"]
     times = ar.get("token_times")
     if n == n_ar or not times or n < 1:
