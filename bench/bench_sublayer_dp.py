@@ -134,9 +134,9 @@ def knapsack_skip_search(adapter, blocks, cache, target_hidden, target_pos, scra
         keep = torch.full((W + 1,), -2.0)
         keep[cols] = _cos(norm(computed), norm(target)).cpu()
         skip = torch.full((W + 1,), -2.0)
-        if c <= W:
+        if c <= W:  # costs are >= 1
             prev_scores = _cos(norm(state), norm(target)).cpu()
-            skip[c:] = torch.where(live[:-c] if c else live, prev_scores[: W + 1 - c], -2.0)
+            skip[c:] = torch.where(live[:-c], prev_scores[: W + 1 - c], -2.0)
         take_skip = (skip >= keep) & (skip > -2.0)
         new = state.clone()
         new[:, cols] = computed
@@ -169,18 +169,8 @@ def draft_hidden(adapter, blocks, lowbit, cache, ids, positions, scratch, attn_s
     each over the cache slots before its position and its own scratch slot (scratch + q): every
     round's first draft token, teacher-forced. Returns the last layer's output [1, n, d] (before
     the final norm)."""
-    n = len(positions)
     pos = torch.tensor(positions, device=adapter.device)
-    kv_len = scratch + n
-    slots = torch.arange(kv_len, device=adapter.device)
-    own = scratch + torch.arange(n, device=adapter.device)
-    masks = {}
-    for w in set(adapter.windows):
-        past = slots[None, :] < pos[:, None]
-        if w is not None:
-            past = past & (slots[None, :] > pos[:, None] - w)
-        allowed = past | (slots[None, :] == own[:, None])
-        masks[w] = adapter._to_attn_mask(allowed, adapter.masked_attn_implementation)
+    masks = adapter.candidate_masks(pos, scratch, len(positions))
     h = adapter.embed(ids[None])
     pos_ids = pos[None]
     pe = adapter.position_embeddings(h, pos_ids)
@@ -314,23 +304,25 @@ def main(argv=None):
             target_hidden = torch.cat(hs, 1)  # [1, L + 1, d] of the prompt's last token
             adapter.forward(full[None, P:], P, cache)  # the full model's K/V of the output
             scratch = N
-            sets = {"full": ([False] * L, [False] * L, 1.0, 0.0)}
+            sets = {
+                "full": ([False] * L, [False] * L, 0.0)
+            }  # name -> (attn, MLP skipped, search s)
             for M in args.skip:
                 t0 = time.perf_counter()
                 mask = layer_search.dp_skip_search(adapter, cache, target_hidden, P - 1, scratch, M)
                 dt = time.perf_counter() - t0
                 m = mask[0].tolist()
-                sets[f"layers M={M}"] = (m, m, None, dt)
+                sets[f"layers M={M}"] = (m, m, dt)
                 W = M * (c_attn + c_mlp)
                 t0 = time.perf_counter()
-                a, mm, score = knapsack_skip_search(
+                a, mm, _score = knapsack_skip_search(
                     adapter, blocks, cache, target_hidden, P - 1, scratch, costs, W
                 )
-                sets[f"blocks W={W}"] = (a, mm, score, time.perf_counter() - t0)
+                sets[f"blocks W={W}"] = (a, mm, time.perf_counter() - t0)
             positions = list(range(P - 1, N - 1))
             truth = full[P:].tolist()
             steps = {}
-            for name, (a, m, _score, dt) in sets.items():
+            for name, (a, m, dt) in sets.items():
                 # the full model with its own weights (the verify); every draft with the copies
                 lb = None if name == "full" else lowbit
                 h = draft_hidden(

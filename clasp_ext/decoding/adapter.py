@@ -596,23 +596,26 @@ class ModelAdapter:
         return masks
 
     def candidate_masks(
-        self, target_pos: int, scratch_start: int, num: int
+        self, target_pos: int | Tensor, scratch_start: int, num: int
     ) -> dict[int | None, Tensor]:
         """The DP layout (SPEC section 2): ``num`` queries, all at position ``target_pos``; query c
         attends to slots [0, target_pos - 1] (within the window) and to scratch slot
         ``scratch_start + c`` (itself), nothing else. Key length = scratch_start + num.
+        ``target_pos`` may also be a tensor [num] of one position per query (query c then sees
+        the slots before its own position: bench/bench_sublayer_dp.py's teacher-forced drafts).
 
         The masks are for ``masked_attn_implementation``: run the layers inside
         ``masked_attention()``."""
         kv_len = scratch_start + num
         slots = torch.arange(kv_len, device=self.device)
         own = scratch_start + torch.arange(num, device=self.device)
+        pos = torch.as_tensor(target_pos, device=self.device).reshape(-1, 1)  # [1 or num, 1]
         masks = {}
         for w in set(self.windows):
-            past = slots < target_pos
+            past = slots[None, :] < pos
             if w is not None:
-                past = past & (slots > target_pos - w)
-            allowed = past[None, :].expand(num, kv_len) | (slots[None, :] == own[:, None])
+                past = past & (slots[None, :] > pos - w)
+            allowed = past.expand(num, kv_len) | (slots[None, :] == own[:, None])
             masks[w] = self._to_attn_mask(allowed, self.masked_attn_implementation)
         return masks
 
