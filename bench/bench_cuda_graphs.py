@@ -55,7 +55,7 @@ def decoder(model, mode: str, B: int, args) -> BatchDecoder:
 
 
 def run_once(dec: BatchDecoder, prompts: list[list[int]], new_tokens: int):
-    ids = [dec.add(torch.tensor(p), max_new_tokens=new_tokens) for p in prompts]
+    ids = [dec.add(p, max_new_tokens=new_tokens) for p in prompts]  # lists: any device
     rounds = dec.stats.rounds
     done = {f.request_id: f for f in dec.run()}
     return [done[i].tokens for i in ids], dec.stats.rounds - rounds

@@ -4,7 +4,9 @@ Spec-Bench-style prompt set, greedy, every method on every prompt in one process
 Methods run interleaved per prompt (and in a rotated order from prompt to prompt), so machine
 drift hits them all alike; speedups are per-prompt wall-time ratios against ``ar`` measured back to
 back (where a near-tie changed the output's length, against ar's time to as many tokens, from its
-per-token timestamps; e2e_report.speedup).
+per-token timestamps; e2e_report.speedup). ``--repeats N`` runs every method N times per prompt,
+interleaved (each repetition in the reverse order of the one before), and keeps each method's
+median run: one run's time on this shared machine moves by more than the methods differ.
 Writes ``records.json`` (machine, command, every per-prompt record), ``table.md`` and
 ``speedup.png`` to ``--out``, after every prompt, so an interrupted run keeps what it measured.
 
@@ -157,6 +159,13 @@ def near_tie(model, ids: torch.Tensor, prefix: list[int]) -> dict:
     return dict(gap=gap, gap_ulps=gap / ulp, near_tie=gap <= 2 * ulp)
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="qwen2.5-coder-1.5b", help="a known name or a model folder")
@@ -171,6 +180,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (pinned)")
     p.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
     p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument(
+        "--repeats",
+        type=_positive,
+        default=1,
+        help="runs of every method per prompt, interleaved (the next in reverse order); a "
+        "record is its median run (e2e_methods.median_run), all walls in wall_s_runs",
+    )
     p.add_argument("--out", type=Path, required=True, help="results folder")
     return p.parse_args(argv)
 
@@ -220,6 +236,7 @@ def main(argv=None):
         prompts=len(prompts),
         per_category=args.per_category,
         seed=args.seed,
+        repeats=args.repeats,
     )
     print(
         f"bench_e2e: {len(prompts)} prompts x {len(labels)} methods on {args.model} "
@@ -235,17 +252,21 @@ def main(argv=None):
 
         records = []
         t_start = time.perf_counter()
-        bar = tqdm(total=len(prompts) * len(methods), unit="run", dynamic_ncols=True)
+        runs_total = len(prompts) * len(methods) * args.repeats
+        bar = tqdm(total=runs_total, unit="run", dynamic_ncols=True)
         for pi, prompt in enumerate(prompts):
             ids = encode(tok, prompt["turns"][0], chat).to(args.device)
             ctx = e2e_methods.Context(args.max_new_tokens, eos, pad, pi, exit_layer)
             # rotate the order so no method always runs first (after a model switch, say)
             order = methods[pi % len(methods) :] + methods[: pi % len(methods)]
-            results = {}
-            for label, fn, ov in order:
-                bar.set_description(f"{prompt['group'][:12]:12s} {label[:24]:24s}")
-                results[label] = e2e_methods.run_method(fn, ov, model, ids, ctx)
-                bar.update(1)
+            runs = {label: [] for label in labels}
+            # ABBA: over an even count of repeats, what drifts within a prompt hits all alike
+            for rep in range(args.repeats):
+                for label, fn, ov in order if rep % 2 == 0 else order[::-1]:
+                    bar.set_description(f"{prompt['group'][:12]:12s} {label[:24]:24s}")
+                    runs[label].append(e2e_methods.run_method(fn, ov, model, ids, ctx))
+                    bar.update(1)
+            results = {label: e2e_methods.median_run(rs) for label, rs in runs.items()}
             ref = results["ar"].new_tokens
             ties: dict[int, dict] = {}  # first-difference position -> the full model's top-2 gap
             for label in labels:
@@ -273,6 +294,10 @@ def main(argv=None):
                     equal_to_ar=d is None,
                     first_difference=d,
                     divergence=ties.get(d),
+                    wall_s_runs=[x.wall_s for x in runs[label]],
+                    # greedy runs of one method can still differ where the policy's timed
+                    # choices change the verify's shapes at a near-tie
+                    runs_agree=all(x.new_tokens == r.new_tokens for x in runs[label]),
                     **{k: v for k, v in vars(r).items() if k not in ("new_tokens", "wall_s")},
                     new_tokens=r.new_tokens,
                 )
@@ -312,7 +337,13 @@ def _save(args, meta, records, labels, elapsed):
         f"early-exit layer {meta['early_exit_layer']} of {meta['num_layers']}. "
         f"Speedup = geometric mean over prompts of ar wall time / method wall time (where a "
         f"near-tie changed an output's length: ar's time to as many new tokens), measured back "
-        f"to back in one process.\n\n"
+        f"to back in one process"
+        + (
+            f", each method's median of {meta['repeats']} interleaved runs per prompt"
+            if meta.get("repeats", 1) > 1
+            else ""
+        )
+        + ".\n\n"
         f"Command: `{meta['command']}`"
     )
     (args.out / "table.md").write_text(e2e_report.markdown(rows, labels, GROUPS, header))

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # clasp_ext from t
 
 from clasp_ext.cli import models  # noqa: E402
 from clasp_ext.decoding import ClaspDecoder  # noqa: E402
+from clasp_ext.decoding import low_bit as low_bit_kinds  # noqa: E402
 from clasp_ext.decoding.layer_search import dp_skip_search  # noqa: E402
 from clasp_ext.decoding.phases import draft_step  # noqa: E402
 from clasp_ext.timing import median_time  # noqa: E402
@@ -127,7 +128,15 @@ def measure(model, args) -> dict:
     L = a.num_layers
     tok = dec.loop._last[:1].clone()
     res = dict(
-        num_layers=L, context=args.context, vocab=V, ar={}, draft={}, verify={}, dp={}, wide={}
+        num_layers=L,
+        context=args.context,
+        vocab=V,
+        ar={},
+        draft={},
+        draft_low_bit={},
+        verify={},
+        dp={},
+        wide={},
     )
 
     hf_cache = DynamicCache(config=model.config)
@@ -164,6 +173,23 @@ def measure(model, args) -> dict:
             )
     M = args.project_skip
     dec.skip = [i >= L - M for i in range(L)]
+    # the draft step at the projection's M on each low-bit copy this torch has a kernel for (what
+    # draft_weights="int8" / "int4" would run; "auto" picks by the linears' times below)
+    for kind in low_bit_kinds.LOW_BIT_KINDS:
+        try:
+            low_bit_kinds.check_supported(kind, a.device, a.dtype)
+        except ValueError as e:
+            print(f"bench_step_costs: no {kind} draft step: {e}")
+            continue
+        copies = low_bit_kinds.LowBitDraft(a.layers, kind)
+        copies.prepare(dec.skip)
+
+        def low_bit_draft(copies=copies):
+            with copies.active(dec.skip):
+                return draft()
+
+        res["draft_low_bit"][kind] = timer(dev, low_bit_draft, args.repeats)
+    res["low_bit_linears"] = {str(k): v for k, v in low_bit_kinds.measure_kinds(a.layers).items()}
     low_bit = dec.loop.low_bit
     res["wide_weights"] = "original" if low_bit is None else low_bit.kind
     for T in args.draft_tokens:
@@ -231,6 +257,11 @@ def markdown(costs: dict, meta: dict, projections: list[dict]) -> str:
     ]
     for M, t in costs["draft"].items():
         lines.append(f"| draft step, M = {M} skipped | {t * 1e3:.2f} | {t / ar:.2f} |")
+    for kind, t in costs.get("draft_low_bit", {}).items():
+        lines.append(
+            f"| draft step, M = {meta['project_skip']}, {kind} weights | {t * 1e3:.2f} "
+            f"| {t / ar:.2f} |"
+        )
     for T, t in costs["verify"].items():
         lines.append(f"| verify, {T} tokens | {t * 1e3:.2f} | {t / ar:.2f} |")
     for M, t in costs["dp"].items():
@@ -240,6 +271,19 @@ def markdown(costs: dict, meta: dict, projections: list[dict]) -> str:
             f"| draft forward of {T} tokens, M = {meta['project_skip']}, "
             f"{costs['wide_weights']} weights | {t * 1e3:.2f} | {t / ar:.2f} |"
         )
+    linears = costs.get("low_bit_linears") or {}
+    if linears:
+        base = linears["None"]
+        cells = ", ".join(
+            f"{'original' if k == 'None' else k} {t * 1e3:.2f} ms ({base / t:.2f}x)"
+            for k, t in linears.items()
+        )
+        lines += [
+            "",
+            f"One token through the linears of the first decoder layers (low_bit.measure_kinds, "
+            f'what draft_weights="auto" compares): {cells}; auto took '
+            f"{costs['wide_weights']}.",
+        ]
     if projections:
         lines += [
             "",

@@ -264,6 +264,14 @@ def early_exit_layer(num_layers: int, clasp_overrides: dict) -> int:
     return num_layers - cfg.num_skip_layers
 
 
+def median_run(runs: list[MethodResult]) -> MethodResult:
+    """The run with the median wall time (of an even count, the faster middle one): its tokens
+    and statistics stand for the method on that prompt (bench_e2e --repeats)."""
+    if not runs:
+        raise ValueError("median_run: no runs")
+    return sorted(runs, key=lambda r: r.wall_s)[(len(runs) - 1) // 2]
+
+
 def run_method(fn, overrides, model, ids, ctx) -> MethodResult:
     if fn is _run_clasp:
         if overrides.get("skip_strategy") == "random":

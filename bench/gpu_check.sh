@@ -274,6 +274,7 @@ build() {
   echo "CUDA_HOME=${CUDA_HOME:-} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" \
     "CLASP_BUILD_CUDA=$CLASP_BUILD_CUDA"
   if ((CLASP_BUILD_CUDA)); then note "CUDA kernels sm_$TORCH_CUDA_ARCH_LIST"; else note "CPU kernels only"; fi
+  note "compiler ${CXX:-c++}: $("${CXX:-c++}" --version | head -1)"
   if "$PYTHON" -c 'import sys; from torch.utils.cpp_extension import is_ninja_available as f; sys.exit(not f())'; then
     note "ninja, $MAX_JOBS jobs"
   else
@@ -300,16 +301,78 @@ EOF
 
 # pytest ARGS...: quiet, failures and errors listed, JUnit XML next to the log; a test module
 # that fails to import (a CPU-side breakage) must not keep the others from running.
+# PYTEST_XML names the XML (default: the step's name).
 run_pytest() {
   "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --durations=10 --continue-on-collection-errors \
-    --junitxml="$OUT/$STEP_NAME.xml" "$@"
+    --junitxml="$OUT/${PYTEST_XML:-$STEP_NAME}.xml" "$@"
 }
 
 # The kernels on CUDA first: every test taking `device`, CUDA parameter (the CPU ones run in CI).
 # --maxfail rather than -x, so one failure does not hide the others.
+# The input-check tests (tests/test_ops_errors.py) run last in an interpreter of their own and
+# verbosely: on the first H200 run (2026-12-04) their first CUDA case crashed the interpreter
+# (SIGSEGV while the op raised), which hid every test after it and the case's name.
 tests_cuda_ops() {
   ((HAS_GPU)) || note "no CUDA device: collected and skipped"
-  run_pytest tests -m "$CUDA_MARK" --maxfail=50 --ignore=tests/test_decoding_cuda.py
+  local rc=0
+  run_pytest tests -m "$CUDA_MARK" --maxfail=50 --ignore=tests/test_decoding_cuda.py \
+    --ignore=tests/test_ops_errors.py || rc=$?
+  ((rc == 0)) || note "op tests rc=$rc"
+  local rc_err=0
+  PYTEST_XML=${STEP_NAME}_errors PYTHONFAULTHANDLER=1 run_pytest tests/test_ops_errors.py \
+    -m "$CUDA_MARK" -v --maxfail=50 || rc_err=$?
+  ((rc_err == 0)) || note "input-check tests rc=$rc_err$( ((rc_err > 128)) && echo " (signal $((rc_err - 128)))")"
+  ((rc == 0 && rc_err == 0))
+}
+
+# Does an op's input check reach Python as a RuntimeError, on the CPU and on CUDA? Each probe runs
+# in a fresh interpreter, so a crash is reported with its signal. Where one crashes, the same
+# probe runs against a second build made with the system compiler (`c++`, when the build used
+# another one, e.g. the image's CXX=/opt/gcc/bin/g++) in a copy of the tree: whether the crash
+# belongs to the toolchain or to the code.
+probe_errors_in() {
+  local dir="$1" dev rc status=0
+  for dev in cpu $( ((HAS_GPU)) && echo cuda); do
+    (cd "$dir" && "$PYTHON" -c '
+import sys, torch, clasp_ext
+dev = sys.argv[1]
+try:
+    clasp_ext.cosine_scores(torch.zeros(2, 4, device=dev), torch.zeros(2, 4, device=dev))
+except RuntimeError as e:
+    print(f"{dev}: raised RuntimeError:", str(e).splitlines()[0])
+    sys.exit(0)
+sys.exit(f"{dev}: a rank-2 candidates tensor raised nothing")
+' "$dev")
+    rc=$?
+    if ((rc == 0)); then
+      note "$(basename "$dir") $dev: raises"
+    else
+      note "$(basename "$dir") $dev: rc=$rc$( ((rc > 128)) && echo " (signal $((rc - 128)))")"
+      status=1
+    fi
+  done
+  return $status
+}
+
+error_path() {
+  echo "build compiler: ${CXX:-c++} = $("${CXX:-c++}" --version | head -1)"
+  probe_errors_in "$PWD" && return 0
+  local sys_cxx
+  sys_cxx="$(command -v c++ || true)"
+  if [[ -z $sys_cxx || "$(readlink -f "$sys_cxx")" == "$(readlink -f "$(command -v "${CXX:-c++}")")" ]]; then
+    note "no other compiler to try"
+    return 1
+  fi
+  local alt=/tmp/clasp_alt_build
+  rm -rf "$alt" && mkdir -p "$alt"
+  # the tree without its build (the machine's copy may have no .git to ask for tracked files)
+  tar -cf - --exclude=./build --exclude='*.so' --exclude=./.git --exclude=./gpu_out . |
+    tar -xf - -C "$alt"
+  echo "=== second build with $sys_cxx ($("$sys_cxx" --version | head -1))"
+  (cd "$alt" && CXX="$sys_cxx" CC="$(command -v cc)" build_inplace >"$OUT/error_path_build.log" 2>&1) ||
+    { note "second build (system c++) failed: error_path_build.log"; return 1; }
+  probe_errors_in "$alt"
+  return 1  # the build the other steps use still crashes
 }
 
 decoding_cuda() {
@@ -390,7 +453,8 @@ print(re.sub(r"[^a-z0-9]+", "_", env["device_name"].lower()).strip("_"))' "$OUT/
   cat "$OUT/ops_cuda.md"
 }
 
-export -f versions deps build_inplace build run_pytest tests_cuda_ops decoding_cuda cuda_graphs \
+export -f versions deps build_inplace build run_pytest tests_cuda_ops probe_errors_in error_path \
+  decoding_cuda cuda_graphs \
   attention_bench step_costs bench copy_results note
 export PYTHON OUT MAX_JOBS HAS_GPU CUDA_HOME CLASP_BUILD_CUDA TORCH_CUDA_ARCH_LIST TORCH_IS_CUDA \
   CUDA_MARK
@@ -400,11 +464,12 @@ step versions         30 400 versions
 step deps             20 390 deps
 step build           240 220 build
 step info             30 200 "$PYTHON" -m clasp_ext.info
-step tests_cuda_ops  150 150 tests_cuda_ops
+step error_path       90 330 error_path
+step tests_cuda_ops  150 190 tests_cuda_ops
 step decoding_cuda   150 160 decoding_cuda
 step cuda_graphs      90 100 cuda_graphs
-step attention_bench  40  80 attention_bench
-step step_costs      120  60 step_costs
+step attention_bench  60  70 attention_bench
+step step_costs      120  40 step_costs
 step bench           600   5 bench
 if ((HAS_GPU)); then
   step copy_results   10   0 copy_results

@@ -158,6 +158,9 @@ def test_step_costs_script_runs_and_projects(tmp_path):
     assert set(costs["draft"]) == {"0", "2", "3", "4"}  # 0, 25%, 37.5%, 50% of 8 layers
     assert set(costs["dp"]) == {"2", "3", "4"}
     assert all(t > 0 for t in costs["verify"].values())
+    # the low-bit draft steps run wherever this torch has the kernel (check_supported)
+    assert all(t > 0 for t in costs["draft_low_bit"].values())
+    assert set(costs["low_bit_linears"]) <= {"None", "int8", "int4"}
     (p,) = data["projections"]
     assert p["drafted_per_round"] == pytest.approx(2.5) and p["dp_runs_per_round"] == 0.25
     k_draft = costs["draft"]["2"]
@@ -201,3 +204,21 @@ def test_attention_script_runs(tmp_path):
     assert all(r["packed_s"] > 0 and r["sdpa_s"] > 0 for r in data["results"])
     assert data["environment"]["model"] == "random tiny-llama"
     assert "| 3 | 3 | 16 |" in out.with_suffix(".md").read_text()
+
+
+def test_median_run_is_the_middle_wall_time():
+    runs = [
+        e2e_methods.MethodResult(new_tokens=[i], wall_s=w) for i, w in enumerate([3.0, 1.0, 2.0])
+    ]
+    assert e2e_methods.median_run(runs).new_tokens == [2]  # 2.0 s: the middle of three
+    assert e2e_methods.median_run(runs[:2]).wall_s == 1.0  # of two, the faster
+    assert e2e_methods.median_run(runs[:1]) is runs[0]
+    with pytest.raises(ValueError):
+        e2e_methods.median_run([])
+
+
+def test_repeats_is_a_positive_count():
+    assert bench_e2e.parse_args(["--out", "x"]).repeats == 1
+    assert bench_e2e.parse_args(["--out", "x", "--repeats", "3"]).repeats == 3
+    with pytest.raises(SystemExit):  # argparse's error: "must be at least 1"
+        bench_e2e.parse_args(["--out", "x", "--repeats", "0"])

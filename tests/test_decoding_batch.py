@@ -288,6 +288,24 @@ def test_cache_rows_stay_put():
         state_matches_host()
 
 
+def test_add_takes_a_list_of_ids_as_a_tokenizer_gives_them():
+    """Serving code passes a tokenizer's list of ints (or a tensor on any device: add only reads
+    the values); the request decodes as the same prompt given as a tensor."""
+    model = tiny_model("llama", layers=4, seed=1)
+    prompt = prompts_for(3, 1)[0]
+    outs = []
+    for given in (prompt, torch.tensor(prompt, dtype=torch.int32)):
+        dec = BatchDecoder(model, max_batch=1, max_cache_len=64, cost_tables=FLAT)
+        dec.add(given, max_new_tokens=8)
+        outs.append(dec.run()[0].tokens)
+    assert outs[0] == outs[1] == hf_alone(model, prompt, 8)
+    dec = BatchDecoder(model, max_batch=1, max_cache_len=64, cost_tables=FLAT)
+    with pytest.raises(TypeError, match="int64"):
+        dec.add([1.5, 2.0], max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty prompt"):
+        dec.add([], max_new_tokens=4)
+
+
 def test_batch_errors():
     model = tiny_model("llama", layers=4, seed=1)
     with pytest.raises(ValueError, match="max_batch"):

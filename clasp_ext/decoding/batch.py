@@ -306,13 +306,17 @@ class BatchDecoder:
         logits_processor=None,
         stopping_criteria=None,
     ) -> int:
-        """Queues one prompt ([T] or [1, T] ids); returns its request id. ``callback(tokens)``
-        (or the decoder's ``callback(id, tokens)``) gets its new tokens as they come;
+        """Queues one prompt ([T] or [1, T] ids: a tensor on any device, or a list of ints, as
+        a tokenizer returns them; only the values are read); returns its request id.
+        ``callback(tokens)`` (or the decoder's ``callback(id, tokens)``) gets its new tokens as
+        they come;
         ``logits_processor`` (or the decoder's) scores this request's positions (ClaspDecoder's
         protocol: a pure function of (input_ids [1, n], scores [1, V])); ``stopping_criteria``
         (transformers' protocol, ``(input_ids [1, n], scores) -> bool [1]``, called with scores
         None) ends it after the first token for which it says stop."""
-        ids = check_token_ids(input_ids, self.device, self.adapter.vocab_size)
+        if isinstance(input_ids, (list, tuple)):  # floats stay floats, for check_token_ids
+            input_ids = torch.tensor(input_ids) if input_ids else torch.zeros(0, dtype=torch.long)
+        ids = check_token_ids(input_ids, None, self.adapter.vocab_size)
         if ids.shape[0] != 1:
             raise ValueError(
                 f"clasp_ext: add() takes one prompt, got batch size {ids.shape[0]}; add each row"

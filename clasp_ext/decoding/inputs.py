@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 
-def check_token_ids(input_ids, device: torch.device, vocab_size: int) -> Tensor:
-    """``input_ids`` [B, T] (or [T]) int64/int32 on ``device`` with ids in [0, vocab_size) ->
-    int64 [B, T]."""
+def check_token_ids(input_ids, device: torch.device | None, vocab_size: int) -> Tensor:
+    """``input_ids`` [B, T] (or [T]) int64/int32 on ``device`` (None: any device) with ids in
+    [0, vocab_size) -> int64 [B, T]."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(
             f"clasp_ext: input_ids must be a torch.Tensor, got {type(input_ids).__name__}"
@@ -17,7 +17,7 @@ def check_token_ids(input_ids, device: torch.device, vocab_size: int) -> Tensor:
         raise TypeError(
             f"clasp_ext: input_ids must be int64 (or int32) token ids, got {input_ids.dtype}"
         )
-    if input_ids.device != device:
+    if device is not None and input_ids.device != device:
         raise ValueError(
             f"clasp_ext: input_ids is on {input_ids.device} but the model is on "
             f"{device}; move it with input_ids.to(model.device)"
