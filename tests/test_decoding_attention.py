@@ -153,3 +153,59 @@ def test_a_prefill_runs_causal_sdpa_without_a_mask(family):
     a.causal_masks = lambda q, kv_len, from_zero=False: masked_fn(q, kv_len)
     masked, _ = a.forward(ids, 0, a.new_cache(T + 2))
     torch.testing.assert_close(unmasked, masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
+@torch.no_grad()
+def test_a_one_token_step_runs_sdpa_without_a_mask(family):
+    """One query token sees every slot of its view, so where no sliding window binds sdpa gets
+    no mask (as transformers' one-token steps), grouped-query heads still packed (no K/V copy),
+    and the step computes what the masked step computes."""
+    model = tiny_model(family, layers=2, seed=3)
+    a = ModelAdapter(model)
+    for kv_len in (5, 12):  # within and past the tiny models' sliding window of 8
+        for w, m in a.causal_masks(torch.tensor([kv_len - 1]), kv_len).items():
+            assert (m is None) == (w is None or w >= kv_len), (w, kv_len)
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    unmasked_fn = a.causal_masks
+
+    def with_masks(q, kv_len, from_zero=False):  # a one-token step's None: an all-True mask
+        masks = unmasked_fn(q, kv_len, from_zero)
+        if len(q) > 1:
+            return masks
+        full = torch.ones(1, kv_len, dtype=torch.bool)
+        return {
+            w: a._to_attn_mask(full, a.attn_implementation) if m is None else m
+            for w, m in masks.items()
+        }
+
+    outs = []
+    for masks in (unmasked_fn, with_masks):
+        a.causal_masks = masks
+        cache = a.new_cache(16)
+        a.forward(ids[:, :11], 0, cache)
+        outs.append(a.forward(ids[:, 11:], 11, cache)[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_one_query_without_a_mask_stays_packed(monkeypatch):
+    """packed_gqa_sdpa with no mask and one query token folds the query heads (no K/V copy, no
+    fallback to transformers' sdpa) and equals sdpa over the copied heads with no mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from clasp_ext.decoding import attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 8, generator=g)
+    kv = [torch.randn(2, 2, 9, 8, generator=g) for _ in range(2)]
+    m = _Module(3)
+    want, _ = sdpa_attention_forward(m, q, *kv, None, scaling=0.25)
+
+    def fallback(*args, **kwargs):
+        raise AssertionError("fell back to transformers' sdpa (K/V copied per query head)")
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", fallback)
+    got, _ = packed_gqa_sdpa(m, q, *kv, None, scaling=0.25)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(AssertionError, match="fell back"):  # several tokens: no mask, no packing
+        packed_gqa_sdpa(m, torch.randn(2, 6, 3, 8, generator=g), *kv, None, scaling=0.25)

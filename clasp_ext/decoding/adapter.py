@@ -544,15 +544,19 @@ class ModelAdapter:
         ``from_zero``: the queries are every slot of the view (a prefill). sdpa then gets no mask
         where no window binds: transformers' sdpa runs it causal (``is_causal``), which skips the
         masked half and takes the flash kernel; with the mask a 969-token prefill of
-        Qwen2.5-1.5B (bf16, AVX-512 EPYC) took 7.2-8.1 s against 6.7-7.5 s."""
+        Qwen2.5-1.5B (bf16, AVX-512 EPYC) took 7.2-8.1 s against 6.7-7.5 s. One query (a draft
+        step, a plain step) sees every slot of the view, so sdpa gets no mask there either, as
+        transformers' own one-token steps do: no mask to build or read, and on a GPU the kernels
+        that take none."""
         if self.is_flash:
             return dict.fromkeys(set(self.windows))
         sdpa = self.forward_attn_implementation in ("sdpa", attention.PACKED_GQA_SDPA)
         slots = torch.arange(kv_len, device=q_positions.device)
         q = q_positions[:, None]
         masks = {}
+        unmasked = from_zero or q_positions.shape[0] == 1
         for w in set(self.windows):
-            if from_zero and sdpa and (w is None or w >= kv_len):
+            if unmasked and sdpa and (w is None or w >= kv_len):
                 masks[w] = None
                 continue
             allowed = slots[None, :] <= q

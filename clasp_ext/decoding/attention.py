@@ -13,8 +13,9 @@ per-query-row arithmetic over the same K/V, with no copy of the cache.
 
 The decoding forwards run their layers with it (``ModelAdapter.layer_attention``) wherever the
 model's attention is sdpa; flash-attention models use it for their masked calls. Anything it
-does not cover (no mask, a per-head mask, position bias, logit softcapping, dropout, keys and
-values of different head sizes) goes to transformers' sdpa function unchanged.
+does not cover (no mask over several query tokens, a per-head mask, position bias, logit
+softcapping, dropout, keys and values of different head sizes) goes to transformers' sdpa
+function unchanged.
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ def packed_gqa_sdpa(
     plain = (
         Hk == H
         or H % Hk != 0
-        or attention_mask is None
-        or attention_mask.dim() != 4
-        or attention_mask.shape[1] != 1
+        # no mask: one query token sees every slot of the view (causal_masks passes None then)
+        or (attention_mask is None and T != 1)
+        or (
+            attention_mask is not None
+            and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1)
+        )
         or dropout != 0.0
         or kwargs.get("position_bias") is not None
         or kwargs.get("softcap") is not None

@@ -180,6 +180,8 @@ class RowCache(ClaspKVCache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         p, b = self.parent, self.b
-        k = p._buffer(p.keys, layer_idx, key_states)[b : b + 1]
-        v = p._buffer(p.values, layer_idx, value_states)[b : b + 1]
+        k = p._buffer(p.keys, layer_idx, key_states)
+        v = p._buffer(p.values, layer_idx, value_states)
+        if k.shape[0] != 1:  # a one-row parent (batch-1 decoding) is its row: no slice per layer
+            k, v = k[b : b + 1], v[b : b + 1]
         return self._write_slots(k, v, key_states, value_states, layer_idx, f" in row {b}")
