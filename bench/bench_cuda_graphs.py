@@ -1,8 +1,10 @@
 """The batched loop replayed from CUDA graphs (``ClaspConfig(cuda_graphs=True)``) against the same
-loop launching its kernels eagerly, on one model and one set of requests.
+loop launching its kernels eagerly and against ``model.generate`` on the same left-padded batch,
+on one model and one set of requests.
 
 Each batch size B decodes B random prompts (lengths 32..128) with policy="fixed" (every round
-drafts and verifies, so both graphed steps run), once per mode and repetition, interleaved, on one
+drafts and verifies, so both graphed steps run; ``--policy cost``: the default policy, what users
+get), once per mode and repetition, interleaved with model.generate, on one
 BatchDecoder per mode (graphs captured in its first run are replayed by the later ones). Reports
 per B and mode the median generated tokens per second, the first run's extra seconds (the
 captures), the rounds, and how many rows came out identical to the eager ones (random bf16
@@ -35,6 +37,9 @@ from clasp_ext.decoding import BatchDecoder  # noqa: E402
 from clasp_ext.timing import median_time  # noqa: E402
 
 MODES = ("eager", "graphs")
+# model.generate on the same prompts as one left-padded batch, greedy, exactly as many new tokens
+# per row: the baseline issue 10's targets are stated against
+BASELINE = "generate"
 
 
 def decoder(model, mode: str, B: int, args) -> BatchDecoder:
@@ -43,9 +48,10 @@ def decoder(model, mode: str, B: int, args) -> BatchDecoder:
         model,
         max_batch=B,
         max_cache_len=128 + args.new_tokens + 32,
-        policy="fixed",
         max_draft=args.max_draft,
-        draft_exit_threshold=0.0,
+        # fixed: every round drafts and verifies, so both graphed steps run; cost: the default
+        # policy, which drafts only where its measured costs say it pays (the speed users get)
+        **(dict(policy="fixed", draft_exit_threshold=0.0) if args.policy == "fixed" else {}),
         eos_token_id=[],
         cuda_graphs=mode == "graphs" and on_gpu,
     )
@@ -61,6 +67,25 @@ def run_once(dec: BatchDecoder, prompts: list[list[int]], new_tokens: int):
     return [done[i].tokens for i in ids], dec.stats.rounds - rounds
 
 
+def run_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """model.generate on ``prompts`` left-padded into one batch; each row's prompt + new tokens."""
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :] = torch.tensor(p)
+        mask[i, T - len(p) :] = 1
+    out = model.generate(
+        ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,  # no EOS stop: every row decodes new_tokens, as the loop does
+        pad_token_id=0,
+    )
+    return [p + out[i, T:].tolist() for i, p in enumerate(prompts)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_arguments(p)
@@ -68,6 +93,7 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-draft", type=int, default=6)
+    p.add_argument("--policy", choices=["fixed", "cost"], default="fixed")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True, help="output prefix (.json, .md)")
@@ -86,7 +112,7 @@ def main(argv=None):
         ]
         prompts = [x.tolist() for x in prompts]
         decs = {m: decoder(model, m, B, args) for m in MODES}
-        first, times, tokens, rounds = {}, {m: [] for m in MODES}, {}, {}
+        first, times, tokens, rounds = {}, {m: [] for m in (*MODES, BASELINE)}, {}, {}
         for rep in range(args.repeats + 1):  # repetition 0: first use (captures)
             for m in MODES:
                 box = {}
@@ -97,6 +123,14 @@ def main(argv=None):
                 t = median_time(call, dev, 1)
                 tokens[m], rounds[m] = box["out"]
                 (times[m] if rep else first.setdefault(m, [])).append(t)
+            box = {}
+
+            def call_generate(prompts=prompts, box=box):
+                box["out"] = run_generate(model, prompts, args.new_tokens)
+
+            t = median_time(call_generate, dev, 1)
+            tokens[BASELINE] = box["out"]
+            (times[BASELINE] if rep else first.setdefault(BASELINE, [])).append(t)
         new = B * args.new_tokens
         row = dict(batch=B, new_tokens=new, rounds=rounds["eager"])
         for m in MODES:
@@ -107,16 +141,25 @@ def main(argv=None):
                 first_run_extra_s=first[m][0] - med,
                 rounds=rounds[m],
             )
+        med = statistics.median(times[BASELINE])
+        row[BASELINE] = dict(tokens_per_s=new / med, median_s=med)
         graphs = decs["graphs"].graphs
         row["graphs_captured"] = graphs.captured
         row["graph_replays"] = graphs.replays
         pairs = zip(tokens["eager"], tokens["graphs"], strict=True)
         row["rows_identical"] = sum(a == b for a, b in pairs)
         row["speedup"] = row["graphs"]["tokens_per_s"] / row["eager"]["tokens_per_s"]
+        # against model.generate on the same batch (rows equal to its rows: random bf16 weights
+        # give near-flat logits, so a near-tie may split one; the tests check exactness)
+        for m in MODES:
+            row[m]["vs_generate"] = row[m]["tokens_per_s"] / row[BASELINE]["tokens_per_s"]
+        pairs = zip(tokens["graphs"], tokens[BASELINE], strict=True)
+        row["rows_equal_generate"] = sum(a == b for a, b in pairs)
         results.append(row)
         print(
             f"B={B}: eager {row['eager']['tokens_per_s']:.1f} tok/s, graphs "
-            f"{row['graphs']['tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}x), captures "
+            f"{row['graphs']['tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}x), generate "
+            f"{row[BASELINE]['tokens_per_s']:.1f} tok/s, captures "
             f"{row['graphs_captured']} (+{row['graphs']['first_run_extra_s']:.2f} s first run), "
             f"rows identical {row['rows_identical']}/{B}",
             flush=True,
@@ -132,6 +175,7 @@ def write(args, results: list[dict]) -> None:
         model=args.model or f"random {args.random_shape}",
         dtype=args.dtype,
         max_draft=args.max_draft,
+        policy=args.policy,
         capture=dev.type == "cuda",
     )
     out = dict(environment=env, results=results)
@@ -139,19 +183,23 @@ def write(args, results: list[dict]) -> None:
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=2))
     lines = [
         f"CUDA graphs vs eager rounds: {env['model']} {args.dtype} on "
-        f"{env.get('gpu') or env['cpu']} (capture: {env['capture']}), policy fixed, max_draft "
-        f"{args.max_draft}, {args.new_tokens} new tokens per row, median of {args.repeats}",
+        f"{env.get('gpu') or env['cpu']} (capture: {env['capture']}), policy {args.policy}, "
+        f"max_draft {args.max_draft}, {args.new_tokens} new tokens per row, median of "
+        f"{args.repeats}",
         "",
-        "| B | eager tok/s | graphs tok/s | ratio | rounds | captures | first-run extra s "
-        "| rows identical |",
-        "|---|---|---|---|---|---|---|---|",
+        "| B | generate tok/s | eager tok/s | graphs tok/s | graphs / eager | eager / generate "
+        "| graphs / generate | rounds | captures | first-run extra s | rows graphs = eager "
+        "| rows graphs = generate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        b = r["batch"]
         lines.append(
-            f"| {r['batch']} | {r['eager']['tokens_per_s']:.1f} | "
-            f"{r['graphs']['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['rounds']} | "
-            f"{r['graphs_captured']} | {r['graphs']['first_run_extra_s']:.2f} | "
-            f"{r['rows_identical']}/{r['batch']} |"
+            f"| {b} | {r[BASELINE]['tokens_per_s']:.1f} | {r['eager']['tokens_per_s']:.1f} | "
+            f"{r['graphs']['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['eager']['vs_generate']:.2f}x | {r['graphs']['vs_generate']:.2f}x | "
+            f"{r['rounds']} | {r['graphs_captured']} | {r['graphs']['first_run_extra_s']:.2f} | "
+            f"{r['rows_identical']}/{b} | {r['rows_equal_generate']}/{b} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -172,7 +172,7 @@ def test_step_costs_script_runs_and_projects(tmp_path):
 
 def test_cuda_graphs_script_runs(tmp_path):
     """bench_cuda_graphs.py (gpu_check's CUDA-graph step) on the CPU: both modes decode, the
-    static-buffer rows equal the eager ones, and the table is written."""
+    static-buffer rows equal the eager ones and model.generate's, and the table is written."""
     import bench_cuda_graphs
 
     out = tmp_path / "graphs"
@@ -185,6 +185,8 @@ def test_cuda_graphs_script_runs(tmp_path):
         assert r["rows_identical"] == r["batch"]
         assert r["graph_replays"] > 0 and r["graphs_captured"] == 0  # no capture on the CPU
         assert r["eager"]["tokens_per_s"] > 0 and r["graphs"]["tokens_per_s"] > 0
+        # fp32: the loop's rows are model.generate's rows on the same padded batch
+        assert r["rows_equal_generate"] == r["batch"] and r["generate"]["tokens_per_s"] > 0
     assert data["environment"]["capture"] is False
     assert "| 2 |" in out.with_suffix(".md").read_text()
 
