@@ -9,10 +9,12 @@
 # step reports what is missing, and the build needs only torch, setuptools and a CUDA toolkit
 # (ninja if present; without it the sources still compile MAX_JOBS at a time, see build_inplace).
 #
-# Steps: build the extension with the CUDA kernels against the machine's torch; the CUDA op tests
-# (every test taking `device`, CUDA parameter); the decoder on CUDA (tests/test_decoding_cuda.py:
-# greedy equals model.generate, sampling, DP on CUDA = DP on CPU, batches, CUDA-graph rounds equal
-# eager ones); CUDA graphs against eager rounds (bench/bench_cuda_graphs.py); the packed
+# Steps: build the extension with the CUDA kernels against the machine's torch; whether an op's
+# input error reaches Python (error_path); the CUDA op tests (every test taking `device`, CUDA
+# parameter; the input-check tests in their own interpreter); the decoder on CUDA
+# (tests/test_decoding_cuda.py: greedy equals model.generate, sampling, DP on CUDA = DP on CPU,
+# batches, CUDA-graph rounds equal eager ones); CUDA graphs against eager rounds and
+# model.generate (bench/bench_cuda_graphs.py); the packed
 # grouped-query attention against transformers' sdpa (bench/bench_attention.py); per-step costs of
 # a LLaMA-3-8B-shaped model; the kernel microbenchmark. The whole script stays within TOTAL_S
 # (470 s: under 8 minutes even if the last step needs its 10 s kill grace): every step runs under
