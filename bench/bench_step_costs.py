@@ -220,19 +220,25 @@ def project(costs: dict, records_path: Path, skip_count: int) -> list[dict]:
             continue
         recs = [x for x in data["records"] if x["method"] == r["method"] and x.get("rounds")]
         rounds = sum(x["rounds"] for x in recs)
-        k = sum(x["drafted"] for x in recs) / rounds
+        k = sum(x["drafted"] for x in recs) / rounds  # tokens verified per round, less one
+        # draft forwards per round: counted since 2026-12-04 (lookup drafts run none); older
+        # records charge one per drafted token, which overstates the methods that use lookup
+        counted = all(x.get("draft_steps") is not None for x in recs)
+        steps = sum(x["draft_steps"] for x in recs) / rounds if counted else k
         dp_per_round = sum(x["dp_runs"] for x in recs) / rounds
         # verify of k + 1 tokens: the nearest measured length at or above it
         vt = next((verify[t] for t in sorted(verify) if t >= k + 1), verify[max(verify)])
         draft = costs["draft"][skip_count]
         dp = costs["dp"].get(skip_count, 0.0)  # no DP run measured for M = 0
-        round_s = k * draft + vt + dp_per_round * dp
+        round_s = steps * draft + vt + dp_per_round * dp
         rows.append(
             dict(
                 records=str(records_path),
                 method=r["method"],
                 tau=r["tau"],
                 drafted_per_round=k,
+                draft_steps_per_round=steps,
+                draft_steps_counted=counted,
                 dp_runs_per_round=dp_per_round,
                 projected_speedup=r["tau"] * ar / round_s,
                 measured_speedup=r["speedup"],
@@ -289,18 +295,21 @@ def markdown(costs: dict, meta: dict, projections: list[dict]) -> str:
             "",
             f"## Projected speedup at M = {meta['project_skip']} (a projection, not a measurement)",
             "",
-            "round time = k x draft step + verify(k + 1 tokens) + (DP runs per round) x DP run; "
-            "speedup = tau x ar step / round time, with tau, k (drafted per round) and DP runs per "
-            "round measured by bench_e2e.py on the real model named in the records file.",
+            "round time = s x draft step + verify(k + 1 tokens) + (DP runs per round) x DP run; "
+            "speedup = tau x ar step / round time, with tau, k (drafted per round), s (layer-skip "
+            "draft forwards per round; records older than 2026-12-04 do not count them, and s = k "
+            "there, marked *) and DP runs per round measured by bench_e2e.py on the real model "
+            "named in the records file.",
             "",
-            "| records | method | tau | k | projected | measured there |",
-            "|---|---|---|---|---|---|",
+            "| records | method | tau | k | s | projected | measured there |",
+            "|---|---|---|---|---|---|---|",
         ]
         for p in projections:
+            star = "" if p["draft_steps_counted"] else "*"
             lines.append(
                 f"| {Path(p['records']).parent.name} | {p['method']} | {p['tau']:.2f} "
-                f"| {p['drafted_per_round']:.2f} | {p['projected_speedup']:.2f}x "
-                f"| {p['measured_speedup']:.2f}x |"
+                f"| {p['drafted_per_round']:.2f} | {p['draft_steps_per_round']:.2f}{star} "
+                f"| {p['projected_speedup']:.2f}x | {p['measured_speedup']:.2f}x |"
             )
     return "\n".join(lines) + "\n"
 

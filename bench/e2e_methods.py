@@ -35,6 +35,7 @@ class MethodResult:
     wall_s: float
     rounds: int | None = None  # verify forwards after the prefill
     drafted: int | None = None
+    draft_steps: int | None = None  # layer-skip draft forwards (lookup drafts run none)
     accepted: int | None = None
     round_tokens: int | None = None  # tokens emitted by those rounds
     dp_runs: int | None = None
@@ -174,6 +175,7 @@ def _run_clasp(model, ids, ctx: Context, **overrides) -> MethodResult:
         wall_s=wall,
         rounds=s.rounds,
         drafted=s.drafted,
+        draft_steps=s.draft_steps,
         accepted=s.accepted,
         round_tokens=s.round_tokens,
         dp_runs=s.dp_runs,

@@ -167,7 +167,20 @@ def test_step_costs_script_runs_and_projects(tmp_path):
     verify = costs["verify"]["5"]  # the shortest measured verify of at least k + 1 = 3.5 tokens
     want = 3.0 * costs["ar"]["hf_step_s"] / (2.5 * k_draft + verify + 0.25 * costs["dp"]["2"])
     assert p["projected_speedup"] == pytest.approx(want)
+    assert p["draft_steps_per_round"] == 2.5 and not p["draft_steps_counted"]  # an old record
     assert "Projected speedup" in (out / "step_costs.md").read_text()
+    # a record that counts its draft forwards (lookup drafts run none) is charged those only
+    records["records"][0]["draft_steps"] = 6
+    rec_path.write_text(json.dumps(records))
+    bench_step_costs.main(argv[:-1] + [str(tmp_path / "steps2")])
+    data = json.loads((tmp_path / "steps2" / "step_costs.json").read_text())
+    costs, (p,) = data["costs"], data["projections"]
+    want = (
+        3.0
+        * costs["ar"]["hf_step_s"]
+        / (1.5 * costs["draft"]["2"] + costs["verify"]["5"] + 0.25 * costs["dp"]["2"])
+    )
+    assert p["draft_steps_counted"] and p["projected_speedup"] == pytest.approx(want)
 
 
 def test_cuda_graphs_script_runs(tmp_path):

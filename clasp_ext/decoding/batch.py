@@ -806,8 +806,8 @@ class BatchDecoder:
             verdict.append(branches.verdict(tree, logits, accepted, out)[None])
         host = self._read(torch.cat(verdict, 1))  # the round's one read
         t3 = time.perf_counter()
+        steps = self.stats.draft_steps - steps0
         if self.policy is not None:  # the round's time against the table's
-            steps = self.stats.draft_steps - steps0
             verified = k + (0 if tree is None else tree.num_siblings)
             timed = BRANCH if tree is not None else kind  # tree rounds keep their own ratio
             self.policy.observe_time(timed, verified, steps, t3 - t)
@@ -827,6 +827,7 @@ class BatchDecoder:
             st = seq.stats
             st.rounds += 1
             st.drafted += num[b]
+            st.draft_steps += steps
             st.accepted += acc
             st.plain_rounds += kind == PLAIN or num[b] == 0
             if kind == LOOKUP and num[b] > 0:

@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field
 class ClaspStats:
     rounds: int = 0
     drafted: int = 0
+    # layer-skip draft forwards of its rounds (a lookup draft runs none; a batch's draft step
+    # counts for every row in it)
+    draft_steps: int = 0
     accepted: int = 0
     new_tokens: int = 0
     round_tokens: int = 0  # tokens emitted by verify rounds (excludes the prefill token)
