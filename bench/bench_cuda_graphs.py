@@ -185,7 +185,13 @@ def write(args, results: list[dict]) -> None:
         f"CUDA graphs vs eager rounds: {env['model']} {args.dtype} on "
         f"{env.get('gpu') or env['cpu']} (capture: {env['capture']}), policy {args.policy}, "
         f"max_draft {args.max_draft}, {args.new_tokens} new tokens per row, median of "
-        f"{args.repeats}",
+        f"{args.repeats}"
+        + (
+            " (first-run extra s: the captures and, on a fresh machine, the cost tables' "
+            "measurement)"
+            if args.policy == "cost"
+            else ""
+        ),
         "",
         "| B | generate tok/s | eager tok/s | graphs tok/s | graphs / eager | eager / generate "
         "| graphs / generate | rounds | captures | first-run extra s | rows graphs = eager "

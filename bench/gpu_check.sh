@@ -30,16 +30,16 @@
 # (default: found), TIME_SCALE (integer; multiplies every cap, reserve and TOTAL_S, for slow
 # machines such as the emulation's two shared cores).
 #
-# Budget on the H200 (16 cores), expected seconds. Build: the 15 sources take 416 CPU-seconds in
-# all (sm_90 only, measured on the emulation's machine), the slowest, csrc/cuda/verify_sample.cu,
-# 34 s alone (1.5 GB); with 16 compiles at once that source is the critical path: ~45 s with
-# setup and link, cap 240 (one at a time, as torch does without ninja, it would be ~7 minutes).
-# Probes, versions, deps and info ~15; CUDA op tests ~60 (their CPU twins take 30 s there);
-# decoder tests ~30 (19 s on that CPU); CUDA graphs ~40 (random 1B init, 3 batch sizes x 4 runs
-# x 2 modes of 64 tokens per row); packed attention ~20 (random 1B init, 18 shapes x 10
-# forwards); step costs ~45 (random 8B init on the GPU, then timings):
-# ~260 s, which leaves the microbenchmark ~205 s (it stops starting torch.compile runs 100 s
-# before its limit, so the remaining cases still get their clasp and eager timings).
+# Budget on the H200 (16 cores), seconds as the first H200 run measured them (2026-12-04,
+# bench/results/gpu-check-nvidia-h200/summary.txt) or estimated: versions and deps 14; build 55
+# (ninja, 16 jobs; cap 240 for a machine without ninja); info and the error probes ~12; CUDA op
+# tests ~60 (estimated: that run crashed at 20 s); decoder tests 132 (cost tables calibrated on
+# first use per setup); CUDA graphs ~80 (random 1B init, B = 1, 4, 8 fixed and B = 1, 4 cost,
+# 4 runs x 3 modes of 64 tokens per row; estimated); step costs ~40 (26 before the low-bit draft
+# steps); packed attention ~25 (9 shapes; 18 did not fit in 40 s); the toolchain check only after
+# a crash (~70); the kernel microbenchmark what is left (~50; it ran complete in 65 s, all
+# references, once). Each step's reserve is what the steps after it need at those times, so a
+# slow step squeezes the last ones first.
 set -euo pipefail
 
 OUT="${OUT:-./gpu_out}"
@@ -319,23 +319,20 @@ tests_cuda_ops() {
   local rc=0
   run_pytest tests -m "$CUDA_MARK" --maxfail=50 --ignore=tests/test_decoding_cuda.py \
     --ignore=tests/test_ops_errors.py || rc=$?
-  ((rc == 0)) || note "op tests rc=$rc"
+  ((rc == 0)) || note "op tests rc=$rc$( ((rc > 128)) && echo " (signal $((rc - 128)))")"
   local rc_err=0
   PYTEST_XML=${STEP_NAME}_errors PYTHONFAULTHANDLER=1 run_pytest tests/test_ops_errors.py \
-    -m "$CUDA_MARK" -v --maxfail=50 || rc_err=$?
+    -m "$CUDA_MARK" -vv --maxfail=50 || rc_err=$?  # -vv: run_pytest's -q takes one back
   ((rc_err == 0)) || note "input-check tests rc=$rc_err$( ((rc_err > 128)) && echo " (signal $((rc_err - 128)))")"
   ((rc == 0 && rc_err == 0))
 }
 
 # Does an op's input check reach Python as a RuntimeError, on the CPU and on CUDA? Each probe runs
-# in a fresh interpreter, so a crash is reported with its signal. Where one crashes, the same
-# probe runs against a second build made with the system compiler (`c++`, when the build used
-# another one, e.g. the image's CXX=/opt/gcc/bin/g++) in a copy of the tree: whether the crash
-# belongs to the toolchain or to the code.
+# in a fresh interpreter, so a crash is reported with its signal (and marked in $OUT/NAME.crashed).
 probe_errors_in() {
   local dir="$1" dev rc status=0
   for dev in cpu $( ((HAS_GPU)) && echo cuda); do
-    (cd "$dir" && "$PYTHON" -c '
+    (cd "$dir" && ulimit -c 0 && "$PYTHON" -c '
 import sys, torch, clasp_ext
 dev = sys.argv[1]
 try:
@@ -350,6 +347,7 @@ sys.exit(f"{dev}: a rank-2 candidates tensor raised nothing")
       note "$(basename "$dir") $dev: raises"
     else
       note "$(basename "$dir") $dev: rc=$rc$( ((rc > 128)) && echo " (signal $((rc - 128)))")"
+      ((rc > 128)) && touch "$OUT/$(basename "$dir").crashed"
       status=1
     fi
   done
@@ -358,7 +356,19 @@ sys.exit(f"{dev}: a rank-2 candidates tensor raised nothing")
 
 error_path() {
   echo "build compiler: ${CXX:-c++} = $("${CXX:-c++}" --version | head -1)"
-  probe_errors_in "$PWD" && return 0
+  probe_errors_in "$PWD"
+}
+
+# Only where a probe crashed (a signal, not an ordinary failure): the same probe against a second
+# build made with the system compiler (`c++`, when the build used another one, e.g. the image's
+# CXX=/opt/gcc/bin/g++) in a copy of the tree, to tell whether the crash belongs to the toolchain
+# or to the code. It runs late (a full build, ~55 s on the H200), before the kernel benchmark.
+toolchain_check() {
+  local crashed=("$OUT"/*.crashed)
+  if [[ ! -e ${crashed[0]} ]]; then
+    note "no probe crashed: nothing to check"
+    return 0
+  fi
   local sys_cxx
   sys_cxx="$(command -v c++ || true)"
   if [[ -z $sys_cxx || "$(readlink -f "$sys_cxx")" == "$(readlink -f "$(command -v "${CXX:-c++}")")" ]]; then
@@ -370,11 +380,15 @@ error_path() {
   # the tree without its build (the machine's copy may have no .git to ask for tracked files)
   tar -cf - --exclude=./build --exclude='*.so' --exclude=./.git --exclude=./gpu_out . |
     tar -xf - -C "$alt"
-  echo "=== second build with $sys_cxx ($("$sys_cxx" --version | head -1))"
-  (cd "$alt" && CXX="$sys_cxx" CC="$(command -v cc)" build_inplace >"$OUT/error_path_build.log" 2>&1) ||
-    { note "second build (system c++) failed: error_path_build.log"; return 1; }
+  local sys_cc
+  sys_cc="$(command -v cc || command -v gcc || true)"
+  echo "=== second build with $sys_cxx ($("$sys_cxx" --version | head -1)), CC=${sys_cc:-unset}"
+  (
+    cd "$alt" && export CXX="$sys_cxx" && { [[ -n $sys_cc ]] && export CC="$sys_cc" || unset CC; } &&
+      build_inplace >"$OUT/toolchain_build.log" 2>&1
+  ) || { note "second build (system c++) failed: toolchain_build.log"; return 1; }
   probe_errors_in "$alt"
-  return 1  # the build the other steps use still crashes
+  return 1  # the build the other steps used crashes
 }
 
 decoding_cuda() {
@@ -406,12 +420,14 @@ step_costs() {
 # policy.
 cuda_graphs() {
   if ((HAS_GPU)); then
+    local rc=0
     "$PYTHON" bench/bench_cuda_graphs.py --random-shape llama3.2-1b --device cuda \
-      --out "$OUT/cuda_graphs" || return 1
+      --out "$OUT/cuda_graphs" || rc=$?
     # the default policy, which falls back to plain steps where drafts do not pay: the floor
     # against model.generate (issue 9: >= 0.97x on any machine)
     "$PYTHON" bench/bench_cuda_graphs.py --random-shape llama3.2-1b --device cuda \
-      --policy cost --batch-sizes 1 4 --out "$OUT/cuda_graphs_cost"
+      --policy cost --batch-sizes 1 4 --out "$OUT/cuda_graphs_cost" || rc=$?
+    return $rc
   else
     note "no CUDA device: tiny-llama on the CPU, static buffers without capture"
     "$PYTHON" bench/bench_cuda_graphs.py --random-shape tiny-llama --dtype float32 --device cpu \
@@ -426,7 +442,7 @@ cuda_graphs() {
 attention_bench() {
   if ((HAS_GPU)); then
     "$PYTHON" bench/bench_attention.py --random-shape llama3.2-1b --device cuda \
-      --batch-sizes 1 8 32 --tokens 1 2 8 --contexts 1024 4096 --repeats 5 --out "$OUT/attention"
+      --batch-sizes 1 8 32 --tokens 1 2 8 --contexts 4096 --repeats 5 --out "$OUT/attention"
   else
     note "no CUDA device: tiny-llama on the CPU"
     "$PYTHON" bench/bench_attention.py --random-shape tiny-llama --dtype float32 \
@@ -462,22 +478,24 @@ print(re.sub(r"[^a-z0-9]+", "_", env["device_name"].lower()).strip("_"))' "$OUT/
 }
 
 export -f versions deps build_inplace build run_pytest tests_cuda_ops probe_errors_in error_path \
+  toolchain_check \
   decoding_cuda cuda_graphs \
   attention_bench step_costs bench copy_results note
 export PYTHON OUT MAX_JOBS HAS_GPU CUDA_HOME CLASP_BUILD_CUDA TORCH_CUDA_ARCH_LIST TORCH_IS_CUDA \
   CUDA_MARK
 
 #    name            cap reserve (seconds kept for later steps; both times TIME_SCALE)
-step versions         30 400 versions
-step deps             20 390 deps
+step versions         20 430 versions
+step deps             20 420 deps
 step build           240 220 build
-step info             30 200 "$PYTHON" -m clasp_ext.info
-step error_path       90 330 error_path
-step tests_cuda_ops  150 190 tests_cuda_ops
-step decoding_cuda   150 160 decoding_cuda
-step cuda_graphs     120 100 cuda_graphs
-step attention_bench  60  70 attention_bench
-step step_costs      120  40 step_costs
+step info             20 200 "$PYTHON" -m clasp_ext.info
+step error_path       30 200 error_path
+step tests_cuda_ops  120 270 tests_cuda_ops
+step decoding_cuda   180 140 decoding_cuda
+step cuda_graphs     120  60 cuda_graphs
+step step_costs       60  25 step_costs
+step attention_bench  40  10 attention_bench
+step toolchain_check 100   5 toolchain_check
 step bench           600   5 bench
 if ((HAS_GPU)); then
   step copy_results   10   0 copy_results

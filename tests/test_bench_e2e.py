@@ -139,8 +139,13 @@ def test_first_difference():
     assert bench_e2e.first_difference([1, 2], [1, 2, 3]) == 2
 
 
-def test_step_costs_script_runs_and_projects(tmp_path):
+def test_step_costs_script_runs_and_projects(tmp_path, monkeypatch):
     import bench_step_costs
+
+    from clasp_ext.decoding import low_bit
+
+    # tiny-llama's layers are below the size draft_weights="auto" measures: measure them anyway
+    monkeypatch.setattr(low_bit, "AUTO_MIN_LAYER_BYTES", 0)
 
     records = dict(
         summary=[dict(group="overall", method="clasp", tau=3.0, speedup=1.1)],
@@ -160,7 +165,10 @@ def test_step_costs_script_runs_and_projects(tmp_path):
     assert all(t > 0 for t in costs["verify"].values())
     # the low-bit draft steps run wherever this torch has the kernel (check_supported)
     assert all(t > 0 for t in costs["draft_low_bit"].values())
+    assert "None" in costs["low_bit_linears"]  # the model's own weights, and each kind it has
     assert set(costs["low_bit_linears"]) <= {"None", "int8", "int4"}
+    assert all(t > 0 for t in costs["low_bit_linears"].values())
+    assert "One token through the linears" in (out / "step_costs.md").read_text()
     (p,) = data["projections"]
     assert p["drafted_per_round"] == pytest.approx(2.5) and p["dp_runs_per_round"] == 0.25
     k_draft = costs["draft"]["2"]
@@ -202,6 +210,12 @@ def test_cuda_graphs_script_runs(tmp_path):
         assert r["rows_equal_generate"] == r["batch"] and r["generate"]["tokens_per_s"] > 0
     assert data["environment"]["capture"] is False
     assert "| 2 |" in out.with_suffix(".md").read_text()
+    # the default policy (gpu_check's second run): rows still equal model.generate's
+    argv[argv.index("--batch-sizes") : argv.index("--batch-sizes") + 3] = ["--batch-sizes", "1"]
+    bench_cuda_graphs.main(argv + ["--policy", "cost", "--out", str(out) + "-cost"])
+    data = json.loads((tmp_path / "graphs-cost.json").read_text())
+    assert data["environment"]["policy"] == "cost"
+    assert [r["rows_equal_generate"] for r in data["results"]] == [1]
 
 
 def test_attention_script_runs(tmp_path):

@@ -159,8 +159,8 @@ def test_a_prefill_runs_causal_sdpa_without_a_mask(family):
 @torch.no_grad()
 def test_a_one_token_step_runs_sdpa_without_a_mask(family):
     """One query token sees every slot of its view, so where no sliding window binds sdpa gets
-    no mask (as transformers' one-token steps), grouped-query heads still packed (no K/V copy),
-    and the step computes what the masked step computes."""
+    no mask (as transformers' one-token steps), and the step computes what the masked step
+    computes (that it stays packed: test_one_query_without_a_mask_stays_packed)."""
     model = tiny_model(family, layers=2, seed=3)
     a = ModelAdapter(model)
     for kv_len in (5, 12):  # within and past the tiny models' sliding window of 8
@@ -179,13 +179,14 @@ def test_a_one_token_step_runs_sdpa_without_a_mask(family):
             for w, m in masks.items()
         }
 
-    outs = []
-    for masks in (unmasked_fn, with_masks):
-        a.causal_masks = masks
-        cache = a.new_cache(16)
-        a.forward(ids[:, :11], 0, cache)
-        outs.append(a.forward(ids[:, 11:], 11, cache)[0])
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for start in (6, 11):  # a step within the window (7 slots: every layer unmasked) and past it
+        outs = []
+        for masks in (unmasked_fn, with_masks):
+            a.causal_masks = masks
+            cache = a.new_cache(16)
+            a.forward(ids[:, :start], 0, cache)
+            outs.append(a.forward(ids[:, start : start + 1], start, cache)[0])
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
 def test_one_query_without_a_mask_stays_packed(monkeypatch):

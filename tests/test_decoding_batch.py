@@ -743,7 +743,7 @@ def test_claspdecoder_is_the_batched_loop_with_one_row():
         assert getattr(a, name) == getattr(b, name), name
     assert a.layer_skip_rounds == b.layer_skip_rounds
     assert a.layer_skip_rounds > 0 and a.lookup_rounds > 0  # both draft kinds ran
-    # one row: its draft forwards are the loop's, at least one per layer-skip round, none for
-    # lookup drafts (so fewer than the tokens drafted)
-    assert a.draft_steps == dec.stats.draft_steps >= a.layer_skip_rounds
+    # one row: its draft forwards are the loop's; lookup drafts run none (so fewer forwards than
+    # tokens drafted)
+    assert a.draft_steps == dec.stats.draft_steps > 0
     assert a.draft_steps < a.drafted
