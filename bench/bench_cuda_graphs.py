@@ -20,6 +20,7 @@ Without a GPU (``--device cpu``) the graphed mode runs the same static buffers w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -113,24 +114,18 @@ def main(argv=None):
         prompts = [x.tolist() for x in prompts]
         decs = {m: decoder(model, m, B, args) for m in MODES}
         first, times, tokens, rounds = {}, {m: [] for m in (*MODES, BASELINE)}, {}, {}
+        runs = {m: functools.partial(run_once, decs[m]) for m in MODES}
+        runs[BASELINE] = lambda prompts, n: (run_generate(model, prompts, n), None)
         for rep in range(args.repeats + 1):  # repetition 0: first use (captures)
-            for m in MODES:
+            for m, run in runs.items():
                 box = {}
 
-                def call(dec=decs[m], prompts=prompts, box=box):
-                    box["out"] = run_once(dec, prompts, args.new_tokens)
+                def call(run=run, prompts=prompts, box=box):
+                    box["out"] = run(prompts, args.new_tokens)
 
                 t = median_time(call, dev, 1)
                 tokens[m], rounds[m] = box["out"]
                 (times[m] if rep else first.setdefault(m, [])).append(t)
-            box = {}
-
-            def call_generate(prompts=prompts, box=box):
-                box["out"] = run_generate(model, prompts, args.new_tokens)
-
-            t = median_time(call_generate, dev, 1)
-            tokens[BASELINE] = box["out"]
-            (times[BASELINE] if rep else first.setdefault(BASELINE, [])).append(t)
         new = B * args.new_tokens
         row = dict(batch=B, new_tokens=new, rounds=rounds["eager"])
         for m in MODES:

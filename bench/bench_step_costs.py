@@ -176,12 +176,11 @@ def measure(model, args) -> dict:
     # the draft step at the projection's M on each low-bit copy this torch has a kernel for (what
     # draft_weights="int8" / "int4" would run; "auto" picks by the linears' times below)
     for kind in low_bit_kinds.LOW_BIT_KINDS:
-        try:
-            low_bit_kinds.check_supported(kind, a.device, a.dtype)
+        try:  # the decoder's own constructor of the copies (refuses a kind with no kernel)
+            copies = low_bit_kinds.low_bit_draft_for(a, kind, M)
         except ValueError as e:
             print(f"bench_step_costs: no {kind} draft step: {e}")
             continue
-        copies = low_bit_kinds.LowBitDraft(a.layers, kind)
         copies.prepare(dec.skip)
 
         def low_bit_draft(copies=copies):

@@ -98,6 +98,8 @@ step() {
 
 skip() { echo "$1: SKIPPED ($2)" | tee -a "$SUMMARY"; }
 note() { echo "$*" >>"$OUT/$STEP_NAME.note"; }
+# exit_status RC: "rc=RC", with the signal where a signal ended the process (RC > 128)
+exit_status() { echo "rc=$1$( (($1 > 128)) && echo " (signal $(($1 - 128)))")"; }
 
 # --- what the machine has (cheap probes, in the main shell: the steps depend on them) ---------
 read -r HAS_GPU GPU_ARCH GPU_NAME TORCH_IS_CUDA <<<"$(timeout 90 "$PYTHON" -c '
@@ -319,11 +321,11 @@ tests_cuda_ops() {
   local rc=0
   run_pytest tests -m "$CUDA_MARK" --maxfail=50 --ignore=tests/test_decoding_cuda.py \
     --ignore=tests/test_ops_errors.py || rc=$?
-  ((rc == 0)) || note "op tests rc=$rc$( ((rc > 128)) && echo " (signal $((rc - 128)))")"
+  ((rc == 0)) || note "op tests $(exit_status $rc)"
   local rc_err=0
   PYTEST_XML=${STEP_NAME}_errors PYTHONFAULTHANDLER=1 run_pytest tests/test_ops_errors.py \
     -m "$CUDA_MARK" -vv --maxfail=50 || rc_err=$?  # -vv: run_pytest's -q takes one back
-  ((rc_err == 0)) || note "input-check tests rc=$rc_err$( ((rc_err > 128)) && echo " (signal $((rc_err - 128)))")"
+  ((rc_err == 0)) || note "input-check tests $(exit_status $rc_err)"
   ((rc == 0 && rc_err == 0))
 }
 
@@ -346,7 +348,7 @@ sys.exit(f"{dev}: a rank-2 candidates tensor raised nothing")
     if ((rc == 0)); then
       note "$(basename "$dir") $dev: raises"
     else
-      note "$(basename "$dir") $dev: rc=$rc$( ((rc > 128)) && echo " (signal $((rc - 128)))")"
+      note "$(basename "$dir") $dev: $(exit_status $rc)"
       ((rc > 128)) && touch "$OUT/$(basename "$dir").crashed"
       status=1
     fi
@@ -354,10 +356,7 @@ sys.exit(f"{dev}: a rank-2 candidates tensor raised nothing")
   return $status
 }
 
-error_path() {
-  echo "build compiler: ${CXX:-c++} = $("${CXX:-c++}" --version | head -1)"
-  probe_errors_in "$PWD"
-}
+error_path() { probe_errors_in "$PWD"; }  # the build's compiler is in the build step's notes
 
 # Only where a probe crashed (a signal, not an ordinary failure): the same probe against a second
 # build made with the system compiler (`c++`, when the build used another one, e.g. the image's
@@ -478,7 +477,7 @@ print(re.sub(r"[^a-z0-9]+", "_", env["device_name"].lower()).strip("_"))' "$OUT/
 }
 
 export -f versions deps build_inplace build run_pytest tests_cuda_ops probe_errors_in error_path \
-  toolchain_check \
+  toolchain_check exit_status \
   decoding_cuda cuda_graphs \
   attention_bench step_costs bench copy_results note
 export PYTHON OUT MAX_JOBS HAS_GPU CUDA_HOME CLASP_BUILD_CUDA TORCH_CUDA_ARCH_LIST TORCH_IS_CUDA \

@@ -739,9 +739,9 @@ def test_claspdecoder_is_the_batched_loop_with_one_row():
     (f,) = dec.run()
     assert out.sequences[0].tolist() == f.tokens
     a, b = out.stats, f.stats
-    for name in ("rounds", "drafted", "draft_steps", "accepted", "lookup_rounds"):
+    names = ("rounds", "drafted", "draft_steps", "accepted", "lookup_rounds", "layer_skip_rounds")
+    for name in names:
         assert getattr(a, name) == getattr(b, name), name
-    assert a.layer_skip_rounds == b.layer_skip_rounds
     assert a.layer_skip_rounds > 0 and a.lookup_rounds > 0  # both draft kinds ran
     # one row: its draft forwards are the loop's; lookup drafts run none (so fewer forwards than
     # tokens drafted)
